@@ -1,0 +1,44 @@
+"""Options shared by the commands that load a model, and the one place user errors become CLI messages."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from pbs_engine.kernels import PBSConfig
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None,
+                   help="local directory, .gguf file, HF repo id or alias (qwen2.5-7b-1m, qwen2.5-7b, llama-3.1-8b, "
+                        "smollm2-135m); default: the embedded SmolLM2-135M-Instruct")
+    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--attention", choices=["pbs", "dense"], default="pbs", help="prefill attention (default: pbs)")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
+    g.add_argument("--pbs-threshold", type=float, default=None, help="PBS block-selection mass threshold")
+    g.add_argument("--pbs-block-size", type=int, default=None, help="PBS block size in tokens")
+    g.add_argument("--pbs-segment-size", type=int, default=None, help="PBS permutation segment size in tokens")
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict:
+    pbs = {k: v for k, v in (("threshold", args.pbs_threshold), ("block_size", args.pbs_block_size),
+                             ("segment_size", args.pbs_segment_size)) if v is not None}
+    return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
+                max_model_len=args.max_model_len, pbs=PBSConfig(**pbs))
+
+
+def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; bad input (a ValueError, TypeError or OSError we raised) becomes a one-line message."""
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return fn(args)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"pbs-engine: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pbs-engine: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,65 @@
+"""The engine's one configuration object, validated where it is built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pbs_engine.kernels import PBSConfig
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # directory, HF repo id, alias or .gguf; None: the embedded default
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    attention: str = "pbs"  # prefill attention: "pbs" | "dense"
+    pbs: PBSConfig = field(default_factory=PBSConfig)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (shrunk to what the cache holds)
+    num_kv_blocks: int | None = None  # None: sized from free memory
+    kv_block_size: int | None = None  # tokens per cache block; None: 256 on cuda, 16 on cpu
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_bytes: int = 4 << 30
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int | None = None  # per-step token budget; None: 16384 on cuda, 4096 on cpu
+    chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError as e:
+            raise ValueError(f"device={self.device!r} is not a torch device ({e})") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA GPU is available; use device='cpu'")
+        if dev.type not in ("cuda", "cpu"):
+            raise ValueError(f"device={self.device!r}: only cuda and cpu are supported")
+        if self.dtype is None:
+            self.dtype = "bfloat16" if dev.type == "cuda" else "float32"
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.attention not in ("pbs", "dense"):
+            raise ValueError(f"attention={self.attention!r}: choose 'pbs' or 'dense'")
+        if isinstance(self.pbs, dict):
+            self.pbs = PBSConfig(**self.pbs)
+        if self.kv_block_size is None:
+            self.kv_block_size = 256 if dev.type == "cuda" else 16
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 16384 if dev.type == "cuda" else 4096
+        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

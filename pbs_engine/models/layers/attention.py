@@ -1,0 +1,86 @@
+"""The attention backend: writes new K/V into the paged cache, then runs dense or PBS prefill, or paged decode.
+
+The runner builds one `AttentionMetadata` per forward pass and hands it down explicitly; kernels choose Triton on
+CUDA tensors and their PyTorch references elsewhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pbs_engine.kernels import PBSConfig, flash_prefill, paged_decode, pbs_prefill
+
+
+@dataclass
+class AttentionMetadata:
+    """What one forward pass needs to know about its batch. Prefill batches are varlen; decode is one token/seq."""
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # (T,) int64: flat cache slot (block * page + offset) of each new token
+    block_tables: torch.Tensor | None = None  # (B, max_blocks) int32
+    # prefill
+    cu_seqlens_q: torch.Tensor | None = None  # (B+1,) int32
+    cu_seqlens_k: torch.Tensor | None = None  # (B+1,) int32
+    seq_lens_q: list[int] = field(default_factory=list)
+    seq_lens_k: list[int] = field(default_factory=list)
+    # decode
+    context_lens: torch.Tensor | None = None  # (B,) int32, tokens in cache including the new one
+    # PBS
+    prefill_method: str = "dense"  # "dense" | "pbs"
+    pbs: PBSConfig | None = None
+    pbs_stats: list | None = None  # when a list, each layer appends (layer_idx, stats) per PBS call
+
+    @property
+    def has_prefix(self) -> bool:
+        return any(k != q for q, k in zip(self.seq_lens_q, self.seq_lens_k))
+
+
+class Attention(nn.Module):
+    """Attention over q/k/v already projected and rotated. `k_cache`/`v_cache`: (num_blocks, page, Hkv, D)."""
+
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.k_cache is not None:
+            flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+            flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+            flat_k[meta.slot_mapping] = k.to(flat_k.dtype)
+            flat_v[meta.slot_mapping] = v.to(flat_v.dtype)
+        if not meta.is_prefill:
+            return paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, sm_scale=self.scale)
+        if meta.has_prefix:
+            k, v = self._gather_context(meta)
+        if meta.prefill_method == "pbs":
+            return self._pbs(q, k, v, meta)
+        return flash_prefill(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, sm_scale=self.scale)
+
+    def _gather_context(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's whole context (cached prefix + this chunk) from the paged cache, packed varlen."""
+        page = self.k_cache.shape[1]
+        ks, vs = [], []
+        for i, kv_len in enumerate(meta.seq_lens_k):
+            blocks = meta.block_tables[i, : (kv_len + page - 1) // page].long()
+            ks.append(self.k_cache[blocks].flatten(0, 1)[:kv_len])
+            vs.append(self.v_cache[blocks].flatten(0, 1)[:kv_len])
+        return torch.cat(ks), torch.cat(vs)
+
+    def _pbs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        out = torch.empty_like(q)
+        q0 = k0 = 0
+        for q_len, k_len in zip(meta.seq_lens_q, meta.seq_lens_k):
+            o, stats = pbs_prefill(q[q0:q0 + q_len], k[k0:k0 + k_len], v[k0:k0 + k_len], meta.pbs, sm_scale=self.scale)
+            out[q0:q0 + q_len] = o
+            if meta.pbs_stats is not None:
+                meta.pbs_stats.append((self.layer_idx, stats))
+            q0, k0 = q0 + q_len, k0 + k_len
+        return out
