@@ -160,5 +160,6 @@ class LLMEngine:
             "kv_block_size": self.blocks.block_size,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
             "max_model_len": self.config.max_model_len,
         }

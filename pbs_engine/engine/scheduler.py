@@ -31,6 +31,7 @@ class Scheduler:
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -84,6 +85,7 @@ class Scheduler:
         """Free the sequence's cache and put it back at the head of the queue to be recomputed."""
         self.running.remove(seq)
         self.blocks.free_seq(seq)
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
