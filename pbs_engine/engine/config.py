@@ -26,6 +26,7 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int | None = None  # per-step token budget; None: 16384 on cuda, 4096 on cpu
     chunked_prefill: bool = True
+    enforce_eager: bool = False  # True: no CUDA graphs for decode
 
     def __post_init__(self) -> None:
         if self.device is None:

@@ -6,6 +6,7 @@ import logging
 import torch
 
 from pbs_engine.engine.config import EngineConfig
+from pbs_engine.engine.cuda_graphs import DecodeGraphs
 from pbs_engine.engine.sampler import Sampler, top_logprobs
 from pbs_engine.engine.scheduler import ScheduledBatch
 from pbs_engine.engine.sequence import Sequence
@@ -25,6 +26,11 @@ class ModelRunner:
         self.model_config = self.model.config
         self.sampler = Sampler(self.device)
         self.num_kv_blocks = self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            width = -(-config.max_model_len // config.kv_block_size)
+            self.graphs = DecodeGraphs(self.model, config.max_num_seqs, width, self.num_kv_blocks,
+                                       config.kv_block_size, self.device)
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_config
@@ -52,7 +58,8 @@ class ModelRunner:
                     f"{conf.max_model_len}; lower max_model_len or give the cache more memory")
             logger.warning("max_model_len lowered from %d to %d, what the KV cache holds", conf.max_model_len, capacity)
             conf.max_model_len = capacity
-        shape = (cfg.num_hidden_layers, num_blocks, conf.kv_block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # one extra block at the end: scratch space for the padding rows of CUDA-graph decode batches
+        shape = (cfg.num_hidden_layers, num_blocks + 1, conf.kv_block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k_cache = torch.empty(shape, dtype=conf.torch_dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=conf.torch_dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
@@ -72,7 +79,7 @@ class ModelRunner:
         ids, positions, slots, lens_q, lens_k = [], [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start = seq.num_computed_tokens
-            ids += seq.token_ids[start:start + n]
+            ids += seq.tokens(start, start + n)
             positions += range(start, start + n)
             slots += self._slots(seq, start, start + n)
             lens_q.append(n)
@@ -102,7 +109,10 @@ class ModelRunner:
         """Run one scheduled batch; returns the sampled token of each sequence whose pending tokens are all done
         (None for a prefill chunk that leaves more of its prompt to compute)."""
         ids, positions, meta = self.prepare(batch)
-        hidden = self.model(ids, positions, meta)
+        if self.graphs is not None and not batch.is_prefill and self.graphs.fits(len(batch.seqs)):
+            hidden = self.graphs.run(ids, positions, meta)
+        else:
+            hidden = self.model(ids, positions, meta)
         ends = torch.tensor(meta.seq_lens_q if batch.is_prefill else [1] * len(batch.seqs),
                             device=self.device).cumsum(0) - 1
         sample_rows = [i for i in range(len(batch.seqs)) if batch.completes_prompt(i)]
