@@ -27,6 +27,8 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # per-step token budget; None: 16384 on cuda, 4096 on cpu
     chunked_prefill: bool = True
     enforce_eager: bool = False  # True: no CUDA graphs for decode
+    load_format: str = "auto"  # "auto": safetensors; "dummy": random weights from config.json (speed runs only)
+    skip_tokenizer_init: bool = False  # True: prompts are token ids only, outputs carry no text
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -45,6 +47,8 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.attention not in ("pbs", "dense"):
             raise ValueError(f"attention={self.attention!r}: choose 'pbs' or 'dense'")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format={self.load_format!r}: choose 'auto' or 'dummy'")
         if isinstance(self.pbs, dict):
             self.pbs = PBSConfig(**self.pbs)
         if self.kv_block_size is None:

@@ -39,6 +39,8 @@ class LLM:
         """`messages` is one conversation (a list of {"role", "content"}) or a list of conversations."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("skip_tokenizer_init=True: chat needs the tokenizer; use generate with token ids")
         encoded = []
         for conv in conversations:
             text = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt)
@@ -47,6 +49,8 @@ class LLM:
 
     def _encode(self, prompt, index: int) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.engine.tokenizer is None:
+                raise ValueError("skip_tokenizer_init=True: give prompts as {'prompt_token_ids': [...]}")
             return prompt, self.engine.tokenizer.encode(prompt)
         if isinstance(prompt, dict) and isinstance(prompt.get("prompt_token_ids"), list):
             return prompt.get("prompt"), list(prompt["prompt_token_ids"])

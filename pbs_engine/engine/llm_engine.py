@@ -27,7 +27,7 @@ class LLMEngine:
         elif config.max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_config.max_position_embeddings}")
-        self.tokenizer = Tokenizer(self.model_dir)
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(self.model_dir)
         self.runner = ModelRunner(config, str(self.model_dir), from_model)
         self.model_config = self.runner.model_config
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size)
@@ -59,8 +59,10 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt, prompt_ids, params)
         seq.max_tokens = params.max_tokens or self.config.max_model_len - len(prompt_ids)
-        seq.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_token_ids))
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+        eos = set() if params.ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_token_ids)
+        seq.stop_ids = set(params.stop_token_ids) | eos
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -100,8 +102,8 @@ class LLMEngine:
             outputs.append(self._output(seq))
         return outputs
 
-    def _decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+    def _decode_token(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _append(self, seq: Sequence, tok: int) -> None:
         now = time.time()
@@ -113,11 +115,11 @@ class LLMEngine:
             seq.cumulative_logprob += seq.pending_logprobs[tok].logprob
             seq.logprobs.append(seq.pending_logprobs)
             seq.pending_logprobs = None
-        seq.new_text = seq.detokenizer.step(tok)
+        seq.new_text = seq.detokenizer.step(tok) if seq.detokenizer is not None else ""
         seq.text += seq.new_text
         if tok in seq.stop_ids and len(seq.output_ids) >= seq.params.min_tokens:
             seq.finish_reason = "stop"
-            seq.stop_reason = None if tok in self.tokenizer.eos_token_ids else tok
+            seq.stop_reason = tok if tok in seq.params.stop_token_ids else None
         elif seq.params.stop_list and seq.new_text and len(seq.output_ids) >= seq.params.min_tokens:
             self._check_stop_strings(seq)
         if seq.finish_reason is None and (len(seq.output_ids) >= seq.max_tokens or

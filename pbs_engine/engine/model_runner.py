@@ -22,7 +22,8 @@ class ModelRunner:
         self.config = config
         self.max_model_len_from_model = max_model_len_from_model
         self.device = torch.device(config.device)
-        self.model = build_model(model_dir, self.device, config.torch_dtype, config.max_model_len)
+        self.model = build_model(model_dir, self.device, config.torch_dtype, config.max_model_len,
+                                 config.load_format)
         self.model_config = self.model.config
         self.sampler = Sampler(self.device)
         self.num_kv_blocks = self._allocate_kv_cache()

@@ -93,10 +93,12 @@ def _load_one(model, params, modules, name: str, tensor: torch.Tensor, path: str
     raise UnexpectedTensorError(f"{path}: tensor {name!r} has no place in {type(model).__name__}")
 
 
-def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_position: int) -> LlamaForCausalLM:
-    """Instantiate the architecture config.json names directly on `device` in `dtype`, then load its weights."""
+def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_position: int,
+                load_format: str = "auto") -> LlamaForCausalLM:
+    """Instantiate the architecture config.json names directly on `device` in `dtype`, then load its weights
+    ("auto"), or fill them with random values ("dummy": config.json alone suffices; for speed runs, never quality)."""
     model_dir = Path(model_dir)
-    files = checkpoint_files(model_dir)
+    files = checkpoint_files(model_dir) if load_format == "auto" else []
     cfg = ModelConfig.from_dir(model_dir)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -105,5 +107,18 @@ def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
             model = MODEL_CLASSES[cfg.architecture](cfg, max_position)
     finally:
         torch.set_default_dtype(previous)
-    load_weights(model, files, device)
+    if load_format == "dummy":
+        randomise(model)
+    else:
+        load_weights(model, files, device)
     return model.eval()
+
+
+@torch.no_grad()
+def randomise(model: LlamaForCausalLM, std: float = 0.02) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=gen)

@@ -1,0 +1,187 @@
+"""`pbs-engine bench prefill|decode`: engine TTFT and decode speed against HF transformers, same GPU, same run."""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pbs_engine.bench.shapes import SHAPES, shape_dir
+from pbs_engine.kernels import PBSConfig
+
+
+def add_args(p: argparse.ArgumentParser, prefill: bool) -> None:
+    p.add_argument("--model", default="random:qwen2.5-7b-1m",
+                   help=f"random:<shape> ({', '.join(SHAPES)}) for random weights, or a model directory")
+    if prefill:
+        p.add_argument("--lengths", default="8192,32768,131072", help="prompt lengths in tokens")
+        p.add_argument("--methods", default="dense,pbs,pbs-budget10", help="dense, pbs (threshold), pbs-budget10")
+        p.add_argument("--hf-max-len", type=int, default=131072, help="longest prompt also run through HF")
+    else:
+        p.add_argument("--batch-sizes", default="1,8,64")
+        p.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence")
+        p.add_argument("--tokens", type=int, default=256, help="generated tokens per sequence")
+        p.add_argument("--hf-max-batch", type=int, default=1, help="largest batch also run through HF")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="prefill chunk size")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def _model_source(spec: str) -> tuple[str, str, dict]:
+    if spec.startswith("random:"):
+        name = spec.split(":", 1)[1]
+        if name not in SHAPES:
+            raise ValueError(f"--model {spec!r}: unknown shape; choose one of {', '.join(SHAPES)}")
+        return str(shape_dir(name)), "dummy", SHAPES[name]
+    return spec, "auto", json.loads((Path(spec) / "config.json").read_text())
+
+
+def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, min(vocab, 30000), (n,), generator=g).tolist()
+
+
+def _hf_model(path: str, load_format: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if load_format == "dummy":
+        cfg = AutoConfig.from_pretrained(path)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                     device_map="cuda")
+    return model.eval()
+
+
+def _timed(fn) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def _release(*objs) -> None:
+    del objs
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def hf_prefill(path: str, load_format: str, lengths: list[int], vocab: int) -> dict[int, dict]:
+    model = _hf_model(path, load_format)
+    rows = {}
+    with torch.no_grad():
+        model(torch.tensor([_random_ids(512, vocab, 0)], device="cuda"), logits_to_keep=1)
+        for n in lengths:
+            ids = torch.tensor([_random_ids(n, vocab, n)], device="cuda")
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                t = _timed(lambda: model(ids, logits_to_keep=1))
+                rows[n] = {"ttft_s": t, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+            except torch.OutOfMemoryError:
+                rows[n] = {"ttft_s": None, "peak_gb": None, "note": "OOM"}
+            torch.cuda.empty_cache()
+    _release(model)
+    return rows
+
+
+def _methods(names: list[str]) -> dict[str, tuple[str, PBSConfig | None]]:
+    table = {"dense": ("dense", None), "pbs": ("pbs", PBSConfig()),
+             "pbs-budget10": ("pbs", PBSConfig.budget(0.10))}
+    unknown = [m for m in names if m not in table]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(table)}")
+    return {m: table[m] for m in names}
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    from pbs_engine import LLM, SamplingParams
+
+    path, load_format, cfg = _model_source(args.model)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    methods = _methods(args.methods.split(","))
+    hf = {} if args.no_hf else hf_prefill(path, load_format, [n for n in lengths if n <= args.hf_max_len],
+                                          cfg["vocab_size"])
+    llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=max(lengths) + 16,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=8)
+    weights_gb = torch.cuda.memory_allocated() / 1e9
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    llm.generate({"prompt_token_ids": _random_ids(2048, cfg["vocab_size"], 1)}, params)  # compile kernels
+    rows = []
+    for n in lengths:
+        ids = _random_ids(n, cfg["vocab_size"], n)
+        for name, (attention, pbs) in methods.items():
+            llm.engine.config.attention = attention
+            llm.engine.config.pbs = pbs or llm.engine.config.pbs
+            torch.cuda.reset_peak_memory_stats()
+            out = llm.generate({"prompt_token_ids": ids}, params)[0]
+            ttft = out.metrics.first_token_time - out.metrics.first_scheduled_time
+            peer = hf.get(n, {}).get("ttft_s")
+            rows.append({"tokens": n, "method": name, "ttft_s": ttft, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                         "hf_ttft_s": peer, "ratio_vs_hf": ttft / peer if peer else None,
+                         "hf_peak_gb": hf.get(n, {}).get("peak_gb")})
+    _print(f"prefill TTFT, {args.model}, {torch.cuda.get_device_name()}, weights+cache {weights_gb:.1f} GB",
+           rows, ["tokens", "method", "ttft_s", "hf_ttft_s", "ratio_vs_hf", "peak_gb", "hf_peak_gb"])
+    _dump(args, rows)
+    return 0
+
+
+def hf_decode(path: str, load_format: str, batch_sizes: list[int], context: int, tokens: int, vocab: int):
+    model = _hf_model(path, load_format)
+    rows = {}
+    with torch.no_grad():
+        for b in batch_sizes:
+            ids = torch.tensor([_random_ids(context, vocab, i) for i in range(b)], device="cuda")
+            gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+            prefill = _timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen))
+            total = _timed(lambda: model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **gen))
+            rows[b] = b * (tokens - 1) / (total - prefill)
+    _release(model)
+    return rows
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    from pbs_engine import LLM, SamplingParams
+
+    path, load_format, cfg = _model_source(args.model)
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    hf = {} if args.no_hf else hf_decode(path, load_format, [b for b in sizes if b <= args.hf_max_batch],
+                                         args.context, args.tokens, cfg["vocab_size"])
+    llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=args.context + args.tokens + 16,
+              max_num_seqs=max(sizes), attention="dense")
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
+    llm.generate([{"prompt_token_ids": _random_ids(args.context, cfg["vocab_size"], 0)}] * 2, params)  # warm up
+    rows = []
+    for b in sizes:
+        prompts = [{"prompt_token_ids": _random_ids(args.context, cfg["vocab_size"], i)} for i in range(b)]
+        outs = llm.generate(prompts, params)
+        start = max(o.metrics.first_token_time for o in outs)
+        end = max(o.metrics.finished_time for o in outs)
+        tps = b * (args.tokens - 1) / (end - start)
+        rows.append({"batch": b, "context": args.context, "tokens_per_s": tps, "hf_tokens_per_s": hf.get(b),
+                     "ratio_vs_hf": tps / hf[b] if hf.get(b) else None})
+    _print(f"decode throughput, {args.model}, {torch.cuda.get_device_name()}", rows,
+           ["batch", "context", "tokens_per_s", "hf_tokens_per_s", "ratio_vs_hf"])
+    _dump(args, rows)
+    return 0
+
+
+def _print(title: str, rows: list[dict], cols: list[str]) -> None:
+    def fmt(v):
+        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
+    print(title)
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)))
+
+
+def _dump(args: argparse.Namespace, rows: list[dict]) -> None:
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))

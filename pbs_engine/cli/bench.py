@@ -1,0 +1,36 @@
+"""`pbs-engine bench kernels|prefill|decode`: GPU benchmarks that print ratios against peers from the same run."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="GPU benchmarks (kernels, prefill TTFT, decode throughput)")
+    kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
+    from pbs_engine.bench import runtime
+
+    k = kinds.add_parser("kernels", help="attention kernels vs torch SDPA (cuDNN, flash), FlexAttention",
+                         add_help=False)
+    k.add_argument("rest", nargs=argparse.REMAINDER)
+    k.set_defaults(func=run_kernels)
+    for name, fn, is_prefill in (("prefill", runtime.run_prefill, True), ("decode", runtime.run_decode, False)):
+        q = kinds.add_parser(name, help=f"engine {name} vs HF transformers")
+        runtime.add_args(q, prefill=is_prefill)
+        q.set_defaults(func=_needs_gpu(fn))
+
+
+def _needs_gpu(fn):
+    def run(args: argparse.Namespace) -> int:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("benchmarks need a CUDA GPU; none is visible")
+        return fn(args)
+
+    return run
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    from pbs_engine.bench.kernels import main
+
+    return _needs_gpu(lambda a: main(a.rest))(args)
