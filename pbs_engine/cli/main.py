@@ -5,10 +5,10 @@ import argparse
 import sys
 
 from pbs_engine import __version__
-from pbs_engine.cli import bench, convert, generate
+from pbs_engine.cli import bench, convert, eval, generate
 from pbs_engine.cli.common import run_command
 
-COMMANDS = [generate, convert, bench]
+COMMANDS = [generate, convert, bench, eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

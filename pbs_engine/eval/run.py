@@ -1,0 +1,70 @@
+"""Run the evaluations that `pbs-engine eval` names and write results.json, summary.md and the figures."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pbs_engine.eval.fidelity import attention_fidelity, lm_fidelity
+from pbs_engine.eval.methods import methods as method_table
+from pbs_engine.eval.needle import needle_accuracy
+from pbs_engine.eval.text import stdlib_text
+
+
+def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float], needle_lengths: list[int],
+             depths: list[float], out_dir: Path) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = llm.engine.runner.model
+    tok = llm.get_tokenizer()
+    base = llm.engine.config.pbs
+    table = method_table(base, thresholds)
+    ids = tok.encode(stdlib_text(min_chars=5 * max(lengths + needle_lengths)), add_special_tokens=False)
+    if len(ids) < max(lengths):
+        raise ValueError(f"only {len(ids)} tokens of text for --lengths up to {max(lengths)}")
+    results: dict = {"model": str(llm.engine.model_dir), "device": _device_name(llm), "config": asdict(base)}
+    if "lm" in tasks:
+        results["lm"] = [row for n in lengths for row in lm_fidelity(model, ids[:n], table, last=min(1024, n // 2))]
+    if "attention" in tasks:
+        results["attention"] = attention_fidelity(model, ids[:max(lengths)], table)
+    if "needle" in tasks:
+        needle_methods = {k: v for k, v in table.items() if k != "pbs-budget10"}
+        results["needle"] = needle_accuracy(llm, ids, needle_methods, needle_lengths, depths)
+    path = out_dir / "results.json"
+    path.write_text(json.dumps(results, indent=1))
+    (out_dir / "summary.md").write_text(summary(results))
+    return results
+
+
+def summary(results: dict) -> str:
+    lines = [f"model: {results['model']}  device: {results['device']}", ""]
+    if results.get("lm"):
+        lines += ["| tokens | method | NLL last 1K | vs dense | top-1 agree | KL(dense‖m) | density | prefill s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        dense = {r["tokens"]: r["nll"] for r in results["lm"] if r["method"] == "dense"}
+        for r in results["lm"]:
+            rel = (r["nll"] / dense[r["tokens"]] - 1) * 100
+            lines.append(f"| {r['tokens']} | {r['method']} | {r['nll']:.4f} | {rel:+.2f}% | "
+                         f"{r['top1_agreement'] * 100:.2f}% | {r['kl_from_dense']:.4f} | {r['density']:.3f} | "
+                         f"{r['prefill_s']:.3f} |")
+        lines.append("")
+    if results.get("needle"):
+        acc: dict = {}
+        for r in results["needle"]:
+            acc.setdefault((r["method"], r["tokens"]), []).append(r["correct"])
+        lines += ["| method | tokens | needle accuracy |", "|---|---|---|"]
+        lines += [f"| {m} | {n} | {sum(v)}/{len(v)} |" for (m, n), v in sorted(acc.items())]
+        lines.append("")
+    if results.get("attention"):
+        per: dict = {}
+        for r in results["attention"]:
+            per.setdefault(r["method"], []).append(r["rel_error"])
+        lines += ["| method | mean rel. error of attention output | max over layers |", "|---|---|---|"]
+        lines += [f"| {m} | {sum(v) / len(v):.4f} | {max(v):.4f} |" for m, v in per.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _device_name(llm) -> str:
+    dev = llm.engine.runner.device
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
