@@ -5,10 +5,10 @@ import argparse
 import sys
 
 from pbs_engine import __version__
-from pbs_engine.cli import bench, convert, eval, generate
+from pbs_engine.cli import bench, convert, evaluate, generate
 from pbs_engine.cli.common import run_command
 
-COMMANDS = [generate, convert, bench, eval]
+COMMANDS = [generate, convert, bench, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
