@@ -1,11 +1,14 @@
 """Shared fixtures: the real models (fetched and converted once by tests/fixtures.py, cached across runs)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+# Triton kernels are tested in the CPU interpreter; it must be chosen before triton is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import fixtures  # noqa: E402

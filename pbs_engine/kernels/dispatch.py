@@ -1,0 +1,9 @@
+"""Kernel dispatch: Triton for CUDA tensors, the PyTorch reference otherwise (tests call the `*_triton`
+launchers directly under TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+import torch
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda

@@ -1,0 +1,115 @@
+"""Dense causal FlashAttention for variable-length prefill batches, GQA without repeating K/V.
+
+Layouts: q (total_q, Hq, D); k, v (total_k, Hkv, D); cu_seqlens_q/k int32 (B+1,) offsets of each sequence.
+Each sequence's queries are the last q_len of its kv_len positions (chunked prefill: q_len <= kv_len).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pbs_engine.kernels.dispatch import use_triton
+
+
+def flash_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sm_scale=None):
+    """Per sequence: softmax(q k^T * scale + causal mask) v in float32, K/V heads repeated for their groups."""
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for i in range(len(cu_seqlens_q) - 1):
+        q0, q1, k0, k1 = (int(x) for x in (cu_seqlens_q[i], cu_seqlens_q[i + 1], cu_seqlens_k[i], cu_seqlens_k[i + 1]))
+        qi = q[q0:q1].float().transpose(0, 1)
+        ki = k[k0:k1].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        vi = v[k0:k1].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = qi @ ki.transpose(1, 2) * scale
+        if causal:
+            q_pos = torch.arange(q1 - q0, device=q.device)[:, None] + (k1 - k0) - (q1 - q0)
+            scores = scores.masked_fill(torch.arange(k1 - k0, device=q.device)[None, :] > q_pos, float("-inf"))
+        out[q0:q1] = (scores.softmax(-1) @ vi).transpose(0, 1).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _flash_prefill_kernel(Q, K, V, O, cu_q, cu_k, sm_scale,
+                          s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
+                          GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program (query block m, query head h, sequence b): online-softmax over the key blocks it may see.
+    m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_q + b)
+    q_len = tl.load(cu_q + b + 1) - q_start
+    k_start = tl.load(cu_k + b)
+    k_len = tl.load(cu_k + b + 1) - k_start
+    if m * BLOCK_M >= q_len:
+        return
+    kvh = h // GROUP
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + (q_start + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :],
+                mask=(offs_m < q_len)[:, None], other=0.0)
+    q_pos = offs_m + (k_len - q_len)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    if CAUSAL:
+        hi = tl.minimum(k_len, (m + 1) * BLOCK_M + k_len - q_len)
+        full = tl.maximum(0, m * BLOCK_M + k_len - q_len) // BLOCK_N * BLOCK_N  # blocks with no masking
+    else:
+        hi = k_len
+        full = k_len // BLOCK_N * BLOCK_N
+    for start in range(0, hi, BLOCK_N):
+        offs = start + offs_n
+        k = tl.load(K + (k_start + offs)[:, None] * s_kt + kvh * s_kh + offs_d[None, :],
+                    mask=(offs < k_len)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        if start >= full:
+            valid = offs[None, :] < k_len
+            if CAUSAL:
+                valid = valid & (offs[None, :] <= q_pos[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + (k_start + offs)[:, None] * s_vt + kvh * s_vh + offs_d[None, :],
+                    mask=(offs < k_len)[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
+    tl.store(O + (q_start + offs_m)[:, None] * s_ot + h * s_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=(offs_m < q_len)[:, None])
+
+
+def _tiles(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if device.type != "cuda":
+        return 16, 16, 4, 1
+    return (128, 64, 8, 3) if head_dim <= 128 else (64, 32, 4, 2)
+
+
+def flash_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sm_scale=None, max_seqlen_q=None):
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    batch = cu_seqlens_q.numel() - 1
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    block_m, block_n, warps, stages = _tiles(q.shape[-1], q.device)
+    grid = (triton.cdiv(max_seqlen_q, block_m), q.shape[1], batch)
+    _flash_prefill_kernel[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUP=q.shape[1] // k.shape[1], CAUSAL=causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+def flash_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sm_scale=None):
+    if use_triton(q):
+        return flash_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
+    return flash_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
