@@ -9,7 +9,7 @@ from pbs_engine.cli.main import main
 def test_eval_smoke(smollm2_path, tmp_path):
     out = tmp_path / "eval"
     code = main(["eval", "--model", str(smollm2_path), "--device", "cpu", "--lengths", "2048",
-                 "--needle-lengths", "1024", "--depths", "0.5", "--thresholds", "0.8",
+                 "--needle-lengths", "512", "--depths", "0.5", "--thresholds", "0.8", "--needle-seeds", "1",
                  "--pbs-block-size", "64", "--pbs-segment-size", "128", "--out", str(out)])
     assert code == 0
     res = json.loads((out / "results.json").read_text())

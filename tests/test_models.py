@@ -11,7 +11,7 @@ from tiny_models import VARIANTS, make_tiny
 
 def prefill_meta(n: int) -> AttentionMetadata:
     cu = torch.tensor([0, n], dtype=torch.int32)
-    return AttentionMetadata(is_prefill=True, slot_mapping=torch.arange(n), cu_seqlens_q=cu, cu_seqlens_k=cu,
+    return AttentionMetadata(is_prefill=True, slot_mapping=None, cu_seqlens_q=cu, cu_seqlens_k=cu,
                              seq_lens_q=[n], seq_lens_k=[n])
 
 

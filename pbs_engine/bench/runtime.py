@@ -92,7 +92,7 @@ def hf_prefill(path: str, load_format: str, lengths: list[int], vocab: int) -> d
 
 def _methods(names: list[str]) -> dict[str, tuple[str, PBSConfig | None]]:
     table = {"dense": ("dense", None), "pbs": ("pbs", PBSConfig()),
-             "pbs-budget10": ("pbs", PBSConfig.budget(0.10))}
+             "pbs-budget10": ("pbs", PBSConfig.budget_of(0.10))}
     unknown = [m for m in names if m not in table]
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(table)}")

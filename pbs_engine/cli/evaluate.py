@@ -21,6 +21,7 @@ def register(sub) -> None:
     p.add_argument("--tasks", default="lm,attention,needle", help="any of lm, attention, needle")
     p.add_argument("--thresholds", type=_floats, default=[0.8, 0.95], help="extra PBS thresholds to sweep")
     p.add_argument("--needle-lengths", type=_ints, default=None, help="needle context lengths (default: --lengths)")
+    p.add_argument("--needle-seeds", type=int, default=2, help="needle prompts per (length, depth, keys)")
     p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depths (0 = start)")
     p.add_argument("--out", default="eval-out", help="directory for results.json, summary.md and PNG figures")
     p.add_argument("--plot-only", action="store_true", help="only redraw figures from OUT/results.json")
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"--tasks: unknown {sorted(unknown)}; choose from lm, attention, needle")
         llm = LLM(**llm_kwargs(args))
-        run_eval(llm, args.lengths, tasks, args.thresholds, args.needle_lengths or args.lengths, args.depths, out)
+        run_eval(llm, args.lengths, tasks, args.thresholds, args.needle_lengths or args.lengths, args.depths,
+                 args.needle_seeds, out)
         print((out / "summary.md").read_text())
     try:
         for path in plot_all(out / "results.json", out):

@@ -12,7 +12,7 @@ from pbs_engine.models.layers.attention import Attention, AttentionMetadata
 
 def _meta(n: int, device, attention: str, pbs: PBSConfig | None, stats: list | None) -> AttentionMetadata:
     cu = torch.tensor([0, n], dtype=torch.int32, device=device)
-    return AttentionMetadata(is_prefill=True, slot_mapping=torch.empty(0, dtype=torch.long, device=device),
+    return AttentionMetadata(is_prefill=True, slot_mapping=None,
                              cu_seqlens_q=cu, cu_seqlens_k=cu, seq_lens_q=[n], seq_lens_k=[n],
                              prefill_method=attention, pbs=pbs, pbs_stats=stats)
 

@@ -13,7 +13,7 @@ def methods(base: PBSConfig, thresholds: list[float] | None = None) -> dict[str,
         "dense": ("dense", None),
         "pbs": ("pbs", base),
         "pbs-nopermute": ("pbs", replace(base, permute=False)),
-        "pbs-budget10": ("pbs", PBSConfig.budget(0.10, base)),
+        "pbs-budget10": ("pbs", PBSConfig.budget_of(0.10, base)),
     }
     for t in thresholds or []:
         table[f"pbs-t{t:g}"] = ("pbs", replace(base, threshold=t))

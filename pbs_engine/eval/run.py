@@ -14,7 +14,7 @@ from pbs_engine.eval.text import stdlib_text
 
 
 def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float], needle_lengths: list[int],
-             depths: list[float], out_dir: Path) -> dict:
+             depths: list[float], needle_seeds: int, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = llm.engine.runner.model
     tok = llm.get_tokenizer()
@@ -30,7 +30,7 @@ def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float],
         results["attention"] = attention_fidelity(model, ids[:max(lengths)], table)
     if "needle" in tasks:
         needle_methods = {k: v for k, v in table.items() if k != "pbs-budget10"}
-        results["needle"] = needle_accuracy(llm, ids, needle_methods, needle_lengths, depths)
+        results["needle"] = needle_accuracy(llm, ids, needle_methods, needle_lengths, depths, needle_seeds)
     path = out_dir / "results.json"
     path.write_text(json.dumps(results, indent=1))
     (out_dir / "summary.md").write_text(summary(results))

@@ -18,7 +18,7 @@ class AttentionMetadata:
     """What one forward pass needs to know about its batch. Prefill batches are varlen; decode is one token/seq."""
 
     is_prefill: bool
-    slot_mapping: torch.Tensor  # (T,) int64: flat cache slot (block * page + offset) of each new token
+    slot_mapping: torch.Tensor | None  # (T,) int64 flat cache slot (block * page + offset) per new token; None: no cache
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int32
     # prefill
     cu_seqlens_q: torch.Tensor | None = None  # (B+1,) int32
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.k_cache is not None:
+        if self.k_cache is not None and meta.slot_mapping is not None:
             flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
             flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
             flat_k[meta.slot_mapping] = k.to(flat_k.dtype)

@@ -1,0 +1,182 @@
+"""`pbs-engine bench kernels`: our attention kernels against torch SDPA (cuDNN, flash), FlexAttention and the
+unpermuted block-sparse baseline, in the Qwen2.5-7B and Llama-3.1-8B attention shapes, on one GPU, one run."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from pbs_engine.kernels import PBSConfig, flash_prefill, paged_decode, pbs_prefill, pbs_select
+from pbs_engine.kernels.pbs_prefill import pbs_attention_triton
+
+SHAPES = {"qwen2.5-7b": (28, 4, 128), "llama-3.1-8b": (32, 8, 128)}
+
+
+def _ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _tflops(n: int, hq: int, d: int, ms: float, density: float = 1.0) -> float:
+    return 4 * n * n / 2 * d * hq * density / (ms * 1e-3) / 1e12
+
+
+def _qkv(n, hq, hkv, d, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda h: torch.randn(n, h, d, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
+    return mk(hq), mk(hkv), mk(hkv)
+
+
+def dense_rows(lengths: list[int]) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for shape, (hq, hkv, d) in SHAPES.items():
+        for n in lengths:
+            q, k, v = _qkv(n, hq, hkv, d)
+            cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+            ours = _ms(lambda: flash_prefill(q, k, v, cu, cu))
+            qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+            kr, vr = (x.repeat_interleave(hq // hkv, 1) for x in (kt, vt))
+            row = {"shape": shape, "tokens": n, "ours_ms": ours, "ours_tflops": _tflops(n, hq, d, ours)}
+            for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                try:
+                    with sdpa_kernel(backend):
+                        row[f"{name}_ms"] = _ms(lambda: F.scaled_dot_product_attention(qt, kr, vr, is_causal=True))
+                except RuntimeError as e:
+                    row[f"{name}_ms"] = None
+                    print(f"sdpa {name} failed: {e}")
+            mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n)
+            row["flex_ms"] = _ms(lambda: flex(qt, kt, vt, block_mask=mask, enable_gqa=True))
+            for peer in ("cudnn", "flash", "flex"):
+                if row.get(f"{peer}_ms"):
+                    row[f"vs_{peer}"] = row[f"{peer}_ms"] / ours
+            rows.append(row)
+            del q, k, v, qt, kt, vt, kr, vr
+            torch.cuda.empty_cache()
+    return rows
+
+
+def pbs_rows(lengths: list[int], budgets: list[float], captured: str | None) -> list[dict]:
+    """PBS at fixed budgets (and threshold 0.9) vs our dense kernel and FlexAttention with the same block mask."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    hq, hkv, d = SHAPES["qwen2.5-7b"]
+    rows = []
+    inputs = [(n, *_qkv(n, hq, hkv, d, seed=1), "random") for n in lengths]
+    if captured:
+        data = torch.load(captured)
+        for n, (q, k, v) in sorted(data.items()):
+            inputs.append((n, q.cuda(), k.cuda(), v.cuda(), "captured"))
+    for n, q, k, v, source in inputs:
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+        dense_ms = _ms(lambda: flash_prefill(q, k, v, cu, cu))
+        configs = [(f"budget {b:.2f}", PBSConfig(budget=b)) for b in budgets] + [("threshold 0.9", PBSConfig())]
+        for label, cfg in configs:
+            for permute in (True, False):
+                c = replace(cfg, permute=permute)
+                sel = pbs_select(q, k, v, c, d ** -0.5)
+                density = (sel.kept.sum() / sel.visible.sum()).item()
+                total = _ms(lambda: pbs_prefill(q, k, v, c))
+                select = _ms(lambda: pbs_select(q, k, v, c, d ** -0.5))
+                attend = _ms(lambda: pbs_attention_triton(q, sel, c, d ** -0.5))
+                row = {"source": source, "tokens": n, "heads": f"{hq}/{hkv}", "config": label,
+                       "permute": permute, "density": density, "pbs_ms": total, "select_ms": select,
+                       "attend_ms": attend, "dense_ms": dense_ms, "pbs_over_dense": total / dense_ms,
+                       "target": density + 0.05}
+                if permute and source == "random":
+                    row["flex_sparse_ms"] = _flex_sparse_ms(flex, BlockMask, q, k, v, sel, c)
+                rows.append(row)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _flex_sparse_ms(flex, BlockMask, q, k, v, sel, cfg) -> float:
+    """FlexAttention's block-sparse kernel alone, with our kept-block list precomputed as its mask (per KV group
+    head 0's pattern shared across the group is not assumed: one mask row per query head)."""
+    n, hq, _ = q.shape
+    group = hq // k.shape[1]
+    kp = sel.keys.repeat_interleave(group, 0)[None]  # (1, Hq, Npad, D)
+    vp = sel.values.repeat_interleave(group, 0)[None]
+    pos = sel.key_pos.repeat_interleave(group, 0)
+    npad = kp.shape[2]
+    qt = torch.zeros(1, hq, npad, q.shape[2], device="cuda", dtype=q.dtype)
+    qt[0, :, :n] = q.transpose(0, 1)
+    nqb = sel.block_count.shape[1]
+    counts = torch.zeros(1, hq, npad // cfg.block_size, dtype=torch.int32, device="cuda")
+    counts[0, :, :nqb] = sel.block_count
+    idx = torch.zeros(1, hq, npad // cfg.block_size, npad // cfg.block_size, dtype=torch.int32, device="cuda")
+    idx[0, :, :nqb, : sel.block_idx.shape[2]] = sel.block_idx
+
+    def mask_mod(b, h, qi, ki):
+        return pos[h, ki] <= qi + sel.q_offset
+
+    mask = BlockMask.from_kv_blocks(counts, idx, BLOCK_SIZE=cfg.block_size, mask_mod=mask_mod, seq_lengths=(npad, npad))
+    return _ms(lambda: flex(qt, kp, vp, block_mask=mask))
+
+
+def decode_rows(contexts: list[int], batches: list[int]) -> list[dict]:
+    hq, hkv, d = SHAPES["qwen2.5-7b"]
+    page = 256
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy_bw = 2 * src.numel() / (_ms(lambda: dst.copy_(src)) * 1e-3)
+    del src, dst
+    rows = []
+    for b in batches:
+        for ctx in contexts:
+            pages = ctx // page
+            if b * pages * page * hkv * d * 4 > 40e9:
+                continue
+            kc = torch.randn(b * pages, page, hkv, d, device="cuda", dtype=torch.bfloat16)
+            vc = torch.randn_like(kc)
+            tables = torch.randperm(b * pages, device="cuda", dtype=torch.int32).view(b, pages)
+            lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+            q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+            ms = _ms(lambda: paged_decode(q, kc, vc, tables, lens))
+            bw = 2 * b * ctx * hkv * d * 2 / (ms * 1e-3)
+            rows.append({"batch": b, "context": ctx, "ms": ms, "TB_per_s": bw / 1e12,
+                         "fraction_of_copy": bw / copy_bw, "copy_TB_per_s": copy_bw / 1e12})
+            del kc, vc
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _print(title, rows):
+    from pbs_engine.bench.runtime import _print as table
+
+    if rows:
+        cols = list(dict.fromkeys(c for r in rows for c in r))
+        table(title, rows, cols)
+        print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pbs-engine bench kernels")
+    p.add_argument("--parts", default="dense,pbs,decode")
+    p.add_argument("--lengths", default="8192,32768,131072")
+    p.add_argument("--budgets", default="0.05,0.1,0.2")
+    p.add_argument("--captured", default=None, help="torch.save'd {tokens: (q, k, v)} of a real model's layer")
+    p.add_argument("--decode-contexts", default="4096,16384,65536,131072")
+    p.add_argument("--decode-batches", default="1,64")
+    args = p.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    parts = args.parts.split(",")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if "dense" in parts:
+        _print("dense causal prefill (ms; vs_X = X time / our time, >1 means we are faster)", dense_rows(lengths))
+    if "pbs" in parts:
+        _print("PBS prefill, Qwen2.5-7B heads (pbs_ms includes selection+permutation; target: pbs/dense <= density+0.05)",
+               pbs_rows(lengths, [float(x) for x in args.budgets.split(",")], args.captured))
+    if "decode" in parts:
+        _print("paged decode (bytes of K+V read / time, against a device copy)",
+               decode_rows([int(x) for x in args.decode_contexts.split(",")],
+                           [int(x) for x in args.decode_batches.split(",")]))
+    return 0
