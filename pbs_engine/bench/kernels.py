@@ -50,7 +50,7 @@ def dense_rows(lengths: list[int]) -> list[dict]:
                 except RuntimeError as e:
                     row[f"{name}_ms"] = None
                     print(f"sdpa {name} failed: {e}")
-            mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n)
+            mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n, _compile=True)
             row["flex_ms"] = _ms(lambda: flex(qt, kt, vt, block_mask=mask, enable_gqa=True))
             for peer in ("cudnn", "flash", "flex"):
                 if row.get(f"{peer}_ms"):

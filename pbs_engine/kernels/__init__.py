@@ -1,12 +1,15 @@
-"""Attention and layer kernels. Each public attention function runs Triton on CUDA tensors and its PyTorch
-reference (`*_ref`, same signature) otherwise."""
+"""Attention and layer kernels. Each public function runs its Triton kernel on CUDA tensors and its PyTorch
+reference (`*_ref`, same signature, the specification) otherwise; `*_triton` in each module forces the kernel
+(the tests run those on CPU under TRITON_INTERPRET=1). docs/kernels.md lists them with their layouts."""
 from pbs_engine.kernels.config import PBSConfig
 from pbs_engine.kernels.flash_prefill import flash_prefill, flash_prefill_ref
-from pbs_engine.kernels.fused import apply_rope, build_cos_sin_cache, rms_norm, rope_inv_freq, silu_and_mul
+from pbs_engine.kernels.fused import rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref
 from pbs_engine.kernels.paged_decode import paged_decode, paged_decode_ref
 from pbs_engine.kernels.pbs_prefill import pbs_prefill, pbs_prefill_ref
-from pbs_engine.kernels.pbs_select import PBSStats, pbs_select
+from pbs_engine.kernels.pbs_select import PBSSelection, PBSStats, pbs_select
+from pbs_engine.kernels.rope import apply_rope, apply_rope_ref, build_cos_sin_cache, rope_inv_freq
 
-__all__ = ["PBSConfig", "PBSStats", "flash_prefill", "flash_prefill_ref", "paged_decode", "paged_decode_ref",
-           "pbs_prefill", "pbs_prefill_ref", "pbs_select", "rms_norm", "silu_and_mul", "apply_rope",
-           "rope_inv_freq", "build_cos_sin_cache"]
+__all__ = ["PBSConfig", "PBSSelection", "PBSStats", "apply_rope", "apply_rope_ref", "build_cos_sin_cache",
+           "flash_prefill", "flash_prefill_ref", "paged_decode", "paged_decode_ref", "pbs_prefill",
+           "pbs_prefill_ref", "pbs_select", "rms_norm", "rms_norm_ref", "rope_inv_freq", "silu_and_mul",
+           "silu_and_mul_ref"]

@@ -10,9 +10,9 @@ class PBSConfig:
     segment_size: int = 256  # keys are permuted inside segments of this many tokens (a multiple of block_size)
     threshold: float = 0.9  # keep the fewest key blocks whose softmaxed block-score mass reaches this
     permute: bool = True  # False: the same selection on unpermuted keys (the paper's MeanPooling baseline)
-    budget: float | None = None  # budget mode: keep this fraction of the visible key blocks (forced ones count)
-    min_blocks: int = 0  # budget mode clamps: at least / at most this many key blocks per query block
-    max_blocks: int | None = None
+    budget: float | None = None  # fixed density: keep this fraction of the visible key blocks (forced ones count)
+    min_blocks: int | None = None  # budget mode: at least / at most this many selected (non-forced) key blocks
+    max_blocks: int | None = None  # per query block, whatever the threshold or budget asks for
 
     def __post_init__(self) -> None:
         checks = [
@@ -22,9 +22,9 @@ class PBSConfig:
              "must be a multiple of block_size"),
             (0 < self.threshold <= 1, "threshold", "must be in (0, 1]"),
             (self.budget is None or 0 < self.budget <= 1, "budget", "must be in (0, 1]"),
-            (self.min_blocks >= 0, "min_blocks", "must be >= 0"),
-            (self.max_blocks is None or self.max_blocks >= max(1, self.min_blocks), "max_blocks",
-             "must be >= max(1, min_blocks)"),
+            (self.min_blocks is None or self.min_blocks >= 0, "min_blocks", "must be >= 0"),
+            (self.max_blocks is None or self.max_blocks >= (self.min_blocks or 0), "max_blocks",
+             "must be >= min_blocks"),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -12,7 +12,8 @@ import triton.language as tl
 from pbs_engine.kernels.dispatch import use_triton
 
 
-def flash_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sm_scale=None):
+def flash_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
     """Per sequence: softmax(q k^T * scale + causal mask) v in float32, K/V heads repeated for their groups."""
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     group = q.shape[1] // k.shape[1]
@@ -31,19 +32,52 @@ def flash_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sm_scale
 
 
 @triton.jit
+def attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_k, q_pos, k_len, qk_scale, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr):
+    """One online-softmax step of a query tile against the key tile at k_ptrs/v_ptrs (rows offs_k). MASKED:
+    hide keys past k_len (and, if CAUSAL, after each query's position q_pos); else the whole tile is visible."""
+    if MASKED:
+        k = tl.load(k_ptrs, mask=(offs_k < k_len)[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        visible = offs_k[None, :] < k_len
+        if CAUSAL:
+            visible = visible & (offs_k[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = m_new
+    if MASKED:  # a row with nothing visible yet keeps m = -inf; exponentiate against 0 instead
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=(offs_k < k_len)[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _flash_prefill_kernel(Q, K, V, O, cu_q, cu_k, sm_scale,
                           s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                           GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Program (query block m, query head h, sequence b): online-softmax over the key blocks it may see.
-    m = tl.program_id(0)
-    h = tl.program_id(1)
+    # Program (query head h, query block m counted from the END so the longest causal rows start first, sequence
+    # b): online softmax over the key tiles m may see, read from KV head h // GROUP. Rows of Q/K/V/O are
+    # (token, head) slices with D contiguous. Tiles wholly before the diagonal run unmasked; the rest are masked by
+    # key length and causality (query i sits at position kv_len - q_len + i).
+    h = tl.program_id(0)
     b = tl.program_id(2)
     q_start = tl.load(cu_q + b)
     q_len = tl.load(cu_q + b + 1) - q_start
     k_start = tl.load(cu_k + b)
     k_len = tl.load(cu_k + b + 1) - k_start
-    if m * BLOCK_M >= q_len:
+    m = tl.cdiv(q_len, BLOCK_M) - 1 - tl.program_id(1)
+    if m < 0:
         return
     kvh = h // GROUP
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,49 +92,40 @@ def _flash_prefill_kernel(Q, K, V, O, cu_q, cu_k, sm_scale,
     qk_scale = sm_scale * 1.4426950408889634
     if CAUSAL:
         hi = tl.minimum(k_len, (m + 1) * BLOCK_M + k_len - q_len)
-        full = tl.maximum(0, m * BLOCK_M + k_len - q_len) // BLOCK_N * BLOCK_N  # blocks with no masking
+        full = (m * BLOCK_M + k_len - q_len) // BLOCK_N * BLOCK_N
     else:
         hi = k_len
         full = k_len // BLOCK_N * BLOCK_N
-    for start in range(0, hi, BLOCK_N):
-        offs = start + offs_n
-        k = tl.load(K + (k_start + offs)[:, None] * s_kt + kvh * s_kh + offs_d[None, :],
-                    mask=(offs < k_len)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        if start >= full:
-            valid = offs[None, :] < k_len
-            if CAUSAL:
-                valid = valid & (offs[None, :] <= q_pos[:, None])
-            s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + (k_start + offs)[:, None] * s_vt + kvh * s_vh + offs_d[None, :],
-                    mask=(offs < k_len)[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    k_ptrs = K + (k_start + offs_n)[:, None] * s_kt + kvh * s_kh + offs_d[None, :]
+    v_ptrs = V + (k_start + offs_n)[:, None] * s_vt + kvh * s_vh + offs_d[None, :]
+    for start in range(0, full, BLOCK_N):
+        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k_ptrs + start * s_kt, v_ptrs + start * s_vt, start + offs_n,
+                                     q_pos, k_len, qk_scale, MASKED=False, CAUSAL=CAUSAL)
+    for start in range(full, hi, BLOCK_N):
+        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k_ptrs + start * s_kt, v_ptrs + start * s_vt, start + offs_n,
+                                     q_pos, k_len, qk_scale, MASKED=True, CAUSAL=CAUSAL)
     acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
     tl.store(O + (q_start + offs_m)[:, None] * s_ot + h * s_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=(offs_m < q_len)[:, None])
 
 
-def _tiles(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def prefill_tiles(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the dense kernel."""
     if device.type != "cuda":
         return 16, 16, 4, 1
-    return (128, 64, 8, 3) if head_dim <= 128 else (64, 32, 4, 2)
+    return (128, 128, 8, 3) if head_dim <= 64 else (128, 64, 8, 3)
 
 
-def flash_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sm_scale=None, max_seqlen_q=None):
+def flash_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                         cu_seqlens_k: torch.Tensor, causal: bool = True, sm_scale: float | None = None,
+                         max_seqlen_q: int | None = None) -> torch.Tensor:
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     out = torch.empty_like(q)
     batch = cu_seqlens_q.numel() - 1
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    block_m, block_n, warps, stages = _tiles(q.shape[-1], q.device)
-    grid = (triton.cdiv(max_seqlen_q, block_m), q.shape[1], batch)
+    block_m, block_n, warps, stages = prefill_tiles(q.shape[-1], q.device)
+    grid = (q.shape[1], triton.cdiv(max_seqlen_q, block_m), batch)
     _flash_prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -109,7 +134,9 @@ def flash_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sm_sc
     return out
 
 
-def flash_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=True, sm_scale=None):
+def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                  cu_seqlens_k: torch.Tensor, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
+    """Causal (or full) attention of each sequence's queries over its keys; Triton on CUDA, the reference elsewhere."""
     if use_triton(q):
         return flash_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
     return flash_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)

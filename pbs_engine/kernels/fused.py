@@ -1,15 +1,18 @@
-"""Small element-wise ops of the decoder layer: RMSNorm (+ residual add), RoPE with Llama-3.1 scaling,
-SiLU-and-mul. Plain PyTorch on every device: each is one pass of memory traffic next to the matmuls around it."""
+"""Element-wise ops of the decoder layer, each one pass over memory: RMSNorm with a fused residual add, and
+SiLU-and-mul. Statistics and arithmetic in float32, results in the input dtype."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from pbs_engine.kernels.dispatch import use_triton
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """norm(x) * weight, or with a residual: (norm(x + residual) * weight, x + residual). Statistics in float32."""
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """norm(x) * weight, or with a residual: (norm(x + residual) * weight, x + residual), the sum rounded to x's
+    dtype before the norm. Statistics in float32."""
     if residual is not None:
         x = (x.float() + residual.float()).to(x.dtype)
         residual = x
@@ -18,39 +21,72 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if residual is None else (out, residual)
 
 
+@triton.jit
+def _rms_norm_kernel(X, R, W, O, R_out, eps, n_cols, s_x, s_r, s_o, s_ro,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (row t): one row of X (T, H) with contiguous H (and of R, the residual), in one BLOCK >= H. With a
+    # residual, r = round(x + res) is written to R_out and normalised; O = round(r * rsqrt(mean(r^2) + eps)) * W.
+    t = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(X + t * s_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(R + t * s_r + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(R_out + t * s_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    y = (xf * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
+    tl.store(O + t * s_o + cols, y.to(O.dtype.element_ty), mask=mask)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    shape, h = x.shape, x.shape[-1]
+    x2 = x.reshape(-1, h).contiguous()
+    r2 = residual.reshape(-1, h).contiguous() if residual is not None else x2
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    r_out = torch.empty_like(x2) if residual is not None else out
+    block = triton.next_power_of_2(h)
+    _rms_norm_kernel[(x2.shape[0],)](x2, r2, weight, out, r_out, eps, h, x2.stride(0), r2.stride(0), out.stride(0),
+                                     r_out.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
+                                     num_warps=min(16, max(1, block // 256)))
+    return out.view(shape) if residual is None else (out.view(shape), r_out.view(shape))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm of x (..., H), or of x + residual returning (out, x + residual); Triton on CUDA."""
+    return (rms_norm_triton if use_triton(x) else rms_norm_ref)(x, weight, eps, residual)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x = cat(gate, up) on the last dim -> silu(gate) * up, computed in float32."""
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, O, n_cols, s_x, s_o, BLOCK: tl.constexpr):
+    # Program (row t, column tile c): X (T, 2I) rows hold gate in [0, I) and up in [I, 2I), contiguous; writes
+    # O[t, c-tile] = silu(gate) * up of O (T, I), in float32 then rounded.
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    gate = tl.load(X + t * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(X + t * s_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(O + t * s_o + cols, out.to(O.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
+    shape, inter = x.shape, x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * inter).contiguous()
+    out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](x2, out, inter, x2.stride(0), out.stride(0),
+                                                                   BLOCK=block, num_warps=4)
+    return out.view(*shape[:-1], inter)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x = cat(gate, up) on the last dim -> silu(gate) * up."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None) -> torch.Tensor:
-    """Rotary inverse frequencies (float64); rope_scaling of rope_type "llama3" rescales them as Llama-3.1 does."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    if not rope_scaling:
-        return inv_freq
-    factor, low, high = rope_scaling["factor"], rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
-    original = rope_scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (original / wavelen - low) / (high - low)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
-    middle = (wavelen <= original / low) & (wavelen >= original / high)
-    return torch.where(middle, blended, scaled)
-
-
-def build_cos_sin_cache(inv_freq: torch.Tensor, max_position: int) -> torch.Tensor:
-    """(max_position, head_dim): cos of position x frequency in the first half, sin in the second."""
-    angles = torch.outer(torch.arange(max_position, dtype=inv_freq.dtype), inv_freq)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)
-
-
-def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor):
-    """Rotate q (T, Hq, D) and k (T, Hkv, D) by their positions, NEOX layout (first half with second half)."""
-    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-
-    def rotate(x):
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-    return rotate(q), rotate(k)
+    """silu(gate) * up for x = cat(gate, up) on the last dim; Triton on CUDA."""
+    return (silu_and_mul_triton if use_triton(x) else silu_and_mul_ref)(x)

@@ -5,6 +5,8 @@ seq_lens int32 (B,) cached tokens per sequence, the current one included.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -12,7 +14,8 @@ import triton.language as tl
 from pbs_engine.kernels.dispatch import use_triton
 
 
-def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=None):
+def paged_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
     """Per sequence: gather its pages, repeat K/V heads for their groups, softmax(q k^T * scale) v in float32."""
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     page, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
@@ -28,23 +31,25 @@ def paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=None)
 
 
 @triton.jit
-def _paged_decode_kernel(Q, KC, VC, tables, lens, O_part, LSE_part, sm_scale,
-                         s_qb, s_qh, s_kb, s_kp, s_kh, s_vb, s_vp, s_vh, s_tb, s_ob, s_oh, s_os, s_lb, s_lh,
-                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                         SPLITS: tl.constexpr):
-    # Program (sequence b, KV head g, split s): the query heads of group g against pages of split s, each K/V
-    # page loaded once for the whole group; writes the partial output and its log-sum-exp for the reduction.
+def _paged_decode_split_kernel(Q, KC, VC, tables, lens, O_part, LSE_part, sm_scale,
+                               s_qb, s_qh, s_kb, s_kp, s_kh, s_vb, s_vp, s_vh, s_tb, s_ob, s_oh, s_os, s_lb, s_lh,
+                               GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+    # Program (sequence b, KV head g, split s): online softmax of the GROUP query heads of g (rows of one tile, so
+    # each K/V tile is read once for the group) over split s's share of the sequence, walked in BLOCK_N-token tiles
+    # (BLOCK_N divides PAGE; a tile's page comes from tables[b, token // PAGE]). K/V rows are (token, g) slices of
+    # the caches, D contiguous. Writes the split's normalised output (B, Hq, SPLITS, D) and base-2 log-sum-exp.
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
     n = tl.load(lens + b)
-    num_pages = tl.cdiv(n, PAGE)
-    per_split = tl.cdiv(num_pages, SPLITS)
-    p_lo = split * per_split
-    p_hi = tl.minimum(p_lo + per_split, num_pages)
+    tiles = tl.cdiv(n, BLOCK_N)
+    per_split = tl.cdiv(tiles, SPLITS)
+    t_lo = split * per_split
+    t_hi = tl.minimum(t_lo + per_split, tiles)
     offs_h = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_p = tl.arange(0, PAGE)
+    offs_n = tl.arange(0, BLOCK_N)
     heads = g * GROUP + offs_h
     hmask = offs_h < GROUP
     q = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_d[None, :], mask=hmask[:, None], other=0.0)
@@ -52,52 +57,90 @@ def _paged_decode_kernel(Q, KC, VC, tables, lens, O_part, LSE_part, sm_scale,
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    for p in range(p_lo, p_hi):
-        block = tl.load(tables + b * s_tb + p).to(tl.int64)
-        tok = p * PAGE + offs_p
-        k = tl.load(KC + block * s_kb + offs_p[:, None] * s_kp + g * s_kh + offs_d[None, :])
+    for t in range(t_lo, t_hi):
+        tok = t * BLOCK_N + offs_n
+        block = tl.load(tables + b * s_tb + t * BLOCK_N // PAGE).to(tl.int64)
+        rows = block * s_kb + (tok % PAGE)[:, None] * s_kp
+        k = tl.load(KC + rows + g * s_kh + offs_d[None, :])
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(tok[None, :] < n, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        pr = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        v = tl.load(VC + block * s_vb + offs_p[:, None] * s_vp + g * s_vh + offs_d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VC + block * s_vb + (tok % PAGE)[:, None] * s_vp + g * s_vh + offs_d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
-    lse = tl.where(l_i == 0, float("-inf"), m_i + tl.log2(l_i))
+    empty = l_i == 0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     tl.store(O_part + b * s_ob + heads[:, None] * s_oh + split * s_os + offs_d[None, :], out, mask=hmask[:, None])
     tl.store(LSE_part + b * s_lb + heads * s_lh + split, lse, mask=hmask)
 
 
-def num_splits(batch: int, kv_heads: int, max_pages: int, sms: int = 132) -> int:
-    """Enough splits that batch x heads x splits fills the GPU twice over; depends only on static sizes, so the
-    same launch is valid inside a CUDA graph for any sequence lengths."""
-    want = max(1, (2 * sms) // max(1, batch * kv_heads))
-    return max(1, min(want, max_pages, 128))
+@triton.jit
+def _paged_decode_reduce_kernel(O_part, LSE_part, O, s_ob, s_oh, s_os, s_lb, s_lh, s_qb, s_qh,
+                                HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    # Program (sequence b, query head h): combine the SPLITS partial outputs (B, Hq, SPLITS, D) float32 by their
+    # base-2 log-sum-exps (B, Hq, SPLITS); empty splits have lse -inf and weigh nothing. Writes O (B, Hq, D).
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(LSE_part + b * s_lb + h * s_lh + offs_s, mask=offs_s < SPLITS, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    w = tl.where(lse == float("-inf"), 0.0, w)
+    part = tl.load(O_part + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_d[None, :],
+                   mask=(offs_s < SPLITS)[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(total == 0, 1.0, total)
+    tl.store(O + b * s_qb + h * s_qh + offs_d, out.to(O.dtype.element_ty))
 
 
-def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=None):
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def decode_tiles(page: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N tokens per tile, num_warps, num_stages, programs wanted per SM) of the split kernel."""
+    return (min(page, 64), 4, 3, 4) if device.type == "cuda" else (page, 4, 1, 1)
+
+
+def num_splits(batch: int, kv_heads: int, max_tiles: int, sms: int, per_sm: int) -> int:
+    """Enough splits that batch x KV heads x splits gives every SM `per_sm` programs; depends only on static
+    sizes, so one launch stays valid inside a CUDA graph for any sequence lengths."""
+    want = max(1, (per_sm * sms) // max(1, batch * kv_heads))
+    return max(1, min(want, max_tiles, 256))
+
+
+def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     batch, hq, d = q.shape
     hkv, page = k_cache.shape[2], k_cache.shape[1]
-    group = hq // hkv
-    splits = num_splits(batch, hkv, block_tables.shape[1])
+    block_n, warps, stages, per_sm = decode_tiles(page, q.device)
+    splits = num_splits(batch, hkv, block_tables.shape[1] * page // block_n, _sm_count(q.device), per_sm)
     o_part = torch.empty(batch, hq, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)
-    _paged_decode_kernel[(batch, hkv, splits)](
+    _paged_decode_split_kernel[(batch, hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, o_part, lse, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d, PAGE=page, SPLITS=splits,
-        num_warps=4, num_stages=2)
-    weights = torch.softmax(lse * 0.6931471805599453, dim=-1).nan_to_num_(0.0)  # lse is base 2
-    return (o_part * weights[..., None]).sum(2).to(q.dtype)
+        GROUP=hq // hkv, GROUP_PAD=max(16, triton.next_power_of_2(hq // hkv)), HEAD_DIM=d, PAGE=page,
+        BLOCK_N=block_n, SPLITS=splits, num_warps=warps, num_stages=stages)
+    out = torch.empty_like(q)
+    _paged_decode_reduce_kernel[(batch, hq)](
+        o_part, lse, out, o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1), HEAD_DIM=d, SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+        num_warps=4)
+    return out
 
 
-def paged_decode(q, k_cache, v_cache, block_tables, seq_lens, sm_scale=None):
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+    """Attention of each sequence's one new query over its cached tokens; Triton on CUDA, the reference elsewhere."""
     if use_triton(q):
         return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, sm_scale)
     return paged_decode_ref(q, k_cache, v_cache, block_tables, seq_lens, sm_scale)

@@ -1,0 +1,90 @@
+"""PBS-Attn: the batched selection + sparse Triton kernel (CPU interpreter) against the loop-by-loop reference,
+and the method's defining behaviours."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pbs_engine.kernels import PBSConfig, flash_prefill_ref, pbs_prefill_ref, pbs_select
+from pbs_engine.kernels.pbs_prefill import pbs_prefill_triton
+
+SHAPES = [(7, 1, 64), (8, 2, 128)]  # (query heads, KV heads, head_dim): GQA 7:1 and 4:1
+SMALL = dict(block_size=16, segment_size=32)
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def dense(q, k, v):
+    return flash_prefill_ref(q, k, v, torch.tensor([0, len(q)], dtype=torch.int32),
+                             torch.tensor([0, len(k)], dtype=torch.int32))
+
+
+CONFIGS = {
+    "threshold": PBSConfig(threshold=0.6, **SMALL),
+    "budget-nopermute": PBSConfig(budget=0.3, permute=False, **SMALL),
+    "min-max-blocks": PBSConfig(threshold=0.5, min_blocks=1, max_blocks=2, block_size=16, segment_size=64),
+}
+
+
+@pytest.mark.parametrize("hq, hkv, d", SHAPES)
+@pytest.mark.parametrize("n, n_kv", [(100, 100), (70, 133)])  # lengths off the block grid; a cached prefix
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_triton_matches_reference(hq, hkv, d, n, n_kv, name):
+    q, k, v = rand(n, hq, d, seed=8), rand(n_kv, hkv, d, seed=9), rand(n_kv, hkv, d, seed=10)
+    out, stats = pbs_prefill_triton(q, k, v, CONFIGS[name])
+    ref, ref_stats = pbs_prefill_ref(q, k, v, CONFIGS[name])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert stats.kept.tolist() == ref_stats.kept.tolist() and stats.visible.tolist() == ref_stats.visible.tolist()
+    assert 0 < stats.density < 1 and len(stats.density_per_head) == hq
+
+
+@pytest.mark.parametrize("permute", [True, False])
+@pytest.mark.parametrize("n, n_kv", [(100, 100), (70, 133)])
+def test_threshold_one_equals_dense_causal_attention(n, n_kv, permute):
+    q, k, v = rand(n, 8, 64, seed=11), rand(n_kv, 2, 64, seed=12), rand(n_kv, 2, 64, seed=13)
+    cfg = PBSConfig(threshold=1.0, permute=permute, **SMALL)
+    for out, stats in (pbs_prefill_triton(q, k, v, cfg), pbs_prefill_ref(q, k, v, cfg)):
+        torch.testing.assert_close(out, dense(q, k, v), atol=1e-5, rtol=1e-5)
+        assert stats.density == 1.0
+
+
+def test_first_block_and_diagonal_segment_survive_any_budget():
+    q, k, v = rand(128, 2, 64, seed=14), rand(128, 1, 64, seed=15), rand(128, 1, 64, seed=16)
+    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, **SMALL), 0.125)
+    for m in range(128 // 16):
+        kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
+        assert kept == {0} | set(range(m * 16 // 32 * 2, m * 16 // 32 * 2 + 2))
+
+
+def test_max_blocks_caps_the_selected_blocks():
+    q, k, v = rand(256, 2, 64, seed=17), rand(256, 1, 64, seed=18), rand(256, 1, 64, seed=19)
+    sel = pbs_select(q, k, v, PBSConfig(threshold=0.99, max_blocks=3, **SMALL), 0.125)
+    forced = 1 + 2  # first block and the two blocks of the diagonal segment
+    assert int(sel.block_count.max()) <= forced + 3
+
+
+def test_permutation_lowers_density_on_scattered_heavy_keys():
+    """Heavy keys scattered inside segments: sorting them together needs fewer blocks for the same mass."""
+    n, d, hq = 1024, 64, 4
+    gen = torch.Generator().manual_seed(20)
+    direction = torch.randn(d, generator=gen)
+    q = torch.randn(n, hq, d, generator=gen) * 0.1 + direction
+    k = torch.randn(n, 1, d, generator=gen) * 0.1
+    k[torch.arange(3, n, 16), 0] += direction * 0.6  # one heavy key every 16 tokens: in every block unless permuted
+    v = torch.randn(n, 1, d, generator=gen)
+    cfg = PBSConfig(block_size=16, segment_size=128, threshold=0.8)
+    permuted = pbs_select(q, k, v, cfg, d ** -0.5)
+    plain = pbs_select(q, k, v, PBSConfig(block_size=16, segment_size=128, threshold=0.8, permute=False), d ** -0.5)
+    density = [(s.kept.sum() / s.visible.sum()).item() for s in (permuted, plain)]
+    assert density[0] < density[1] * 0.85, density
+
+
+@pytest.mark.parametrize("field, kwargs", [("segment_size", dict(block_size=128, segment_size=192)),
+                                           ("threshold", dict(threshold=0)), ("block_size", dict(block_size=24)),
+                                           ("budget", dict(budget=1.5)), ("min_blocks", dict(min_blocks=-1)),
+                                           ("max_blocks", dict(min_blocks=4, max_blocks=2))])
+def test_bad_config_names_the_field(field, kwargs):
+    with pytest.raises(ValueError, match=f"PBSConfig.{field}"):
+        PBSConfig(**kwargs)
