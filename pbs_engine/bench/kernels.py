@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     parts = args.parts.split(",")
+    torch._dynamo.config.recompile_limit = 1000  # FlexAttention recompiles per shape and per mask
+    torch._dynamo.config.accumulated_recompile_limit = 10000
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     if "dense" in parts:
         _print("dense causal prefill (ms; vs_X = X time / our time, >1 means we are faster)", dense_rows(lengths))
