@@ -158,15 +158,22 @@ def _print(title, rows):
         print()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pbs-engine bench kernels")
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", default="dense,pbs,decode")
     p.add_argument("--lengths", default="8192,32768,131072")
     p.add_argument("--budgets", default="0.05,0.1,0.2")
     p.add_argument("--captured", default=None, help="torch.save'd {tokens: (q, k, v)} of a real model's layer")
     p.add_argument("--decode-contexts", default="4096,16384,65536,131072")
     p.add_argument("--decode-batches", default="1,64")
-    args = p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pbs-engine bench kernels")
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     parts = args.parts.split(",")
     torch._dynamo.config.recompile_limit = 1000  # FlexAttention recompiles per shape and per mask

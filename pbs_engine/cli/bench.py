@@ -7,12 +7,11 @@ import argparse
 def register(sub) -> None:
     p = sub.add_parser("bench", help="GPU benchmarks (kernels, prefill TTFT, decode throughput)")
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
-    from pbs_engine.bench import runtime
+    from pbs_engine.bench import kernels, runtime
 
-    k = kinds.add_parser("kernels", help="attention kernels vs torch SDPA (cuDNN, flash), FlexAttention",
-                         add_help=False)
-    k.add_argument("rest", nargs=argparse.REMAINDER)
-    k.set_defaults(func=run_kernels)
+    k = kinds.add_parser("kernels", help="attention kernels vs torch SDPA (cuDNN, flash), FlexAttention")
+    kernels.add_args(k)
+    k.set_defaults(func=_needs_gpu(kernels.run))
     for name, fn, is_prefill in (("prefill", runtime.run_prefill, True), ("decode", runtime.run_decode, False)):
         q = kinds.add_parser(name, help=f"engine {name} vs HF transformers")
         runtime.add_args(q, prefill=is_prefill)
@@ -28,9 +27,3 @@ def _needs_gpu(fn):
         return fn(args)
 
     return run
-
-
-def run_kernels(args: argparse.Namespace) -> int:
-    from pbs_engine.bench.kernels import main
-
-    return _needs_gpu(lambda a: main(a.rest))(args)

@@ -155,10 +155,33 @@ def pbs_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
     return pbs_attention_triton(q, sel, config, scale), PBSStats(kept=sel.kept, visible=sel.visible)
 
 
+def pbs_attention_torch(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, scale: float) -> torch.Tensor:
+    """The kernel's job in batched torch ops (the engine's CPU path): attention under the kept-block mask, the
+    causal mask applied through original positions, one KV group at a time."""
+    n, hq, d = q.shape
+    hkv, npad, _ = sel.keys.shape
+    group, bs = hq // hkv, cfg.block_size
+    listed = torch.arange(sel.block_idx.shape[2], device=q.device) < sel.block_count[..., None]
+    keep = torch.zeros(hq, sel.block_count.shape[1], npad // bs + 1, dtype=torch.bool, device=q.device)
+    keep.scatter_(2, torch.where(listed, sel.block_idx.long(), npad // bs), True)  # unlisted -> a spare column
+    keep = keep[..., :-1].repeat_interleave(bs, 1)[:, :n].repeat_interleave(bs, 2)  # (Hq, N, Npad)
+    q_pos = torch.arange(n, device=q.device) + sel.q_offset
+    out = torch.empty_like(q)
+    for g in range(hkv):
+        heads = slice(g * group, (g + 1) * group)
+        allowed = keep[heads] & (sel.key_pos[g][None, None, :] <= q_pos[None, :, None])
+        scores = torch.einsum("nhd,kd->hnk", q[:, heads].float(), sel.keys[g].float()) * scale
+        probs = scores.masked_fill_(~allowed, float("-inf")).softmax(-1).nan_to_num_(0.0)
+        out[:, heads] = torch.einsum("hnk,kd->nhd", probs, sel.values[g].float()).to(q.dtype)
+    return out
+
+
 def pbs_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
                 sm_scale: float | None = None) -> tuple[torch.Tensor, PBSStats]:
     """Approximate causal attention of q over k/v keeping only the selected blocks; returns (output, stats).
-    Triton on CUDA, the reference elsewhere."""
-    if use_triton(q):
-        return pbs_prefill_triton(q, k, v, config, sm_scale)
-    return pbs_prefill_ref(q, k, v, config, sm_scale)
+    Triton on CUDA; elsewhere the same batched selection with the attention in torch (`pbs_prefill_ref`, the
+    loop-by-loop specification, is for tests: it is far too slow to serve from)."""
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    sel = pbs_select(q, k, v, config, scale)
+    attend = pbs_attention_triton if use_triton(q) else pbs_attention_torch
+    return attend(q, sel, config, scale), PBSStats(kept=sel.kept, visible=sel.visible)
