@@ -1,22 +1,20 @@
 """`pbs-engine convert`: a llama or qwen2 GGUF file into an HF-style directory (config.json, model.safetensors,
-tokenizer.json, tokenizer_config.json, generation_config.json), dequantised with the `gguf` package."""
+tokenizer.json, tokenizer_config.json, generation_config.json), dequantised tensor by tensor with the `gguf` package."""
 from __future__ import annotations
 
 import json
-import logging
 import math
+import struct
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from pbs_engine.models.errors import ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
-from pbs_engine.models.gguf_tokenizer import CONTROL, tokenizer_json
+from pbs_engine.models.gguf_tokenizer import PRE_TOKENIZERS, GGUFVocab
 
-logger = logging.getLogger(__name__)
-
-ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -24,147 +22,215 @@ LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# Llama-3.1's rope scaling, which llama.cpp bakes into a `rope_freqs` tensor instead of metadata
-LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+# Llama 3's rope scaling, which llama.cpp stores only as per-frequency factors in a `rope_freqs` tensor
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 class GGUFConversionError(ModelLoadError):
-    """The GGUF file cannot be converted: not GGUF, unsupported architecture, tensor type or tokenizer."""
-
-
-def _open(path: Path):
-    import gguf
-
-    if not path.is_file():
-        raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct errors/... on foreign files
-        raise GGUFConversionError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-
-
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
-def _hf_name(gguf_name: str) -> str | None:
-    parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        base = LAYER_TENSORS.get(parts[2])
-        return None if base is None else f"model.layers.{parts[1]}.{base}.{parts[3]}"
-    base = GLOBAL_TENSORS.get(parts[0])
-    return None if base is None else f"{base}.{parts[1]}"
-
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's interleaving of the rotary halves in Q/K rows (its convert script's `permute`)."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _rope_scaling(reader, arch: str, head_dim: int, theta: float) -> dict | None:
-    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if tensor is None:
-        return None
-    factors = np.asarray(tensor.data, dtype=np.float64)
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
-    s = LLAMA31_ROPE
-    wavelen = 2 * math.pi / inv_freq
-    low_wl, high_wl = s["original_max_position_embeddings"] / s["low_freq_factor"], \
-        s["original_max_position_embeddings"] / s["high_freq_factor"]
-    smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / \
-        (s["high_freq_factor"] - s["low_freq_factor"])
-    expected = np.where(wavelen < high_wl, 1.0, np.where(wavelen > low_wl, s["factor"],
-                                                          1.0 / ((1 - smooth) / s["factor"] + smooth)))
-    if factors.shape != expected.shape or not np.allclose(factors, expected, rtol=1e-3):
-        raise GGUFConversionError(f"{arch}: rope_freqs tensor does not match Llama-3.1's rope scaling; "
-                                  "convert this model from its safetensors instead")
-    return dict(s)
+    """The GGUF file cannot be converted: not GGUF, missing metadata, or an unsupported tensor type or tokenizer."""
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write an HF-style model directory for the GGUF file; returns `out_dir`."""
-    import gguf
-
+    """Write an HF-style model directory for a llama/qwen2 GGUF file, weights in `dtype`; returns `out_dir`."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"dtype {dtype}: choose one of {', '.join(map(str, SAFETENSORS_DTYPES))}")
     reader = _open(gguf_path)
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"{gguf_path}: GGUF architecture {arch!r} not supported (supported: {', '.join(ARCHITECTURES)})")
-    hf_arch, model_type = ARCHITECTURES[arch]
 
-    def meta(key, default=None):
-        return _field(reader, f"{arch}.{key}", default)
+    def need(key: str) -> Any:
+        value = _field(reader, key)
+        if value is None:
+            raise GGUFConversionError(f"{gguf_path}: metadata {key!r} is missing")
+        return value
 
-    n_head, hidden = int(meta("attention.head_count")), int(meta("embedding_length"))
-    n_kv = int(meta("attention.head_count_kv", n_head))
-    head_dim = int(meta("attention.key_length", hidden // n_head))
-    theta = float(meta("rope.freq_base", 10000.0))
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    names = {t.name for t in reader.tensors}
-
+    vocab = _vocab(reader, gguf_path, need)
+    config = _config(reader, gguf_path, arch, need, dtype, vocab)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        name = _hf_name(t.name)
-        if name is None:
-            if t.name != "rope_freqs.weight":
-                logger.warning("%s: skipping tensor %s", gguf_path, t.name)
-            continue
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise GGUFConversionError(f"{gguf_path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from e
-        w = np.array(w, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
-        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            w = _unpermute(w, n_head if "attn_q" in t.name else n_kv)
-        tensors[name] = torch.from_numpy(w).to(dtype)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    del tensors
-
-    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    token = lambda key: None if _field(reader, key) is None else tokens[int(_field(reader, key))]  # noqa: E731
-    bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
-    eos_ids = [int(_field(reader, k)) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-               if _field(reader, k) is not None]
-    eos_ids += [i for i, (t, k) in enumerate(zip(tokens, types))
-                if k == CONTROL and t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")]
-    eos_ids = sorted(set(eos_ids), key=lambda i: (tokens[i] != eos, i))  # the GGUF's own EOS first
-    config = {
-        "architectures": [hf_arch], "model_type": model_type, "vocab_size": len(tokens), "hidden_size": hidden,
-        "intermediate_size": int(meta("feed_forward_length")), "num_hidden_layers": int(meta("block_count")),
-        "num_attention_heads": n_head, "num_key_value_heads": n_kv, "head_dim": head_dim,
-        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon", 1e-6)), "rope_theta": theta,
-        "rope_scaling": _rope_scaling(reader, arch, head_dim, theta),
-        "max_position_embeddings": int(meta("context_length", 4096)),
-        "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
-        "attention_bias": arch == "qwen2", "torch_dtype": str(dtype).removeprefix("torch."),
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"), "eos_token_id": eos_ids[0] if eos_ids else None,
-    }
-    _write_json(out_dir / "config.json", config)
+    _write_weights(reader, gguf_path, out_dir / "model.safetensors", dtype, arch,
+                   config["num_attention_heads"], config["num_key_value_heads"])
+    _write_json(out_dir / "tokenizer.json", vocab.tokenizer_json(), indent=None)
+    _write_json(out_dir / "tokenizer_config.json", vocab.tokenizer_config(config["max_position_embeddings"]))
     _write_json(out_dir / "generation_config.json",
-                {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_ids})
-    _write_tokenizer(reader, gguf_path, out_dir, tokens, types, bos, eos, config["max_position_embeddings"])
+                {"bos_token_id": vocab.bos_id, "eos_token_id": vocab.stop_ids(), "pad_token_id": vocab.pad_id})
+    _write_json(out_dir / "config.json", config)  # last: its presence marks a complete directory
     return out_dir
 
 
-def _write_tokenizer(reader, gguf_path, out_dir, tokens, types, bos, eos, max_len) -> None:
-    model = _field(reader, "tokenizer.ggml.model")
+def _open(path: Path):
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        """Slices a plain-ndarray view of the file's memmap: np.memmap's per-slice overhead otherwise makes parsing
+        a 150k-token vocabulary take 20 s instead of 8 s."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if type(self.data) is np.memmap:
+                self.data = self.data.view(np.ndarray)
+            return super()._get(offset, dtype, count, override_order)
+
+    if not path.is_file():
+        raise ModelNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    try:
+        return Reader(str(path))
+    except Exception as e:  # the reader raises ValueError, struct.error, ... on foreign or truncated files
+        raise GGUFConversionError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _field(reader, key: str) -> Any:
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _vocab(reader, path: Path, need: Callable[[str], Any]) -> GGUFVocab:
+    model, pre = need("tokenizer.ggml.model"), _field(reader, "tokenizer.ggml.pre") or "default"
     if model != "gpt2":
-        raise GGUFConversionError(f"{gguf_path}: tokenizer model {model!r} not supported (byte-level BPE 'gpt2' only)")
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
-    merges = list(_field(reader, "tokenizer.ggml.merges", []))
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
-    _write_json(out_dir / "tokenizer.json", tokenizer_json(tokens, merges, types, pre, bos, add_bos))
-    pad_id, unk_id = _field(reader, "tokenizer.ggml.padding_token_id"), _field(reader, "tokenizer.ggml.unknown_token_id")
-    _write_json(out_dir / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": _field(reader, "tokenizer.chat_template"),
-        "bos_token": bos, "eos_token": eos, "pad_token": None if pad_id is None else tokens[int(pad_id)],
-        "unk_token": None if unk_id is None else tokens[int(unk_id)], "add_bos_token": add_bos,
-        "model_max_length": max_len, "clean_up_tokenization_spaces": False})
+        raise GGUFConversionError(
+            f"{path}: tokenizer.ggml.model {model!r} not supported (byte-level BPE 'gpt2' only)")
+    if pre not in PRE_TOKENIZERS:
+        raise GGUFConversionError(
+            f"{path}: tokenizer.ggml.pre {pre!r} not supported (supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+    tokens = list(need("tokenizer.ggml.tokens"))
+
+    def tok(key: str) -> int | None:
+        return _optional_int(_field(reader, f"tokenizer.ggml.{key}"))
+
+    return GGUFVocab(
+        tokens=tokens, token_types=list(_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)),
+        merges=list(need("tokenizer.ggml.merges")), pre=pre,
+        bos_id=tok("bos_token_id"), eos_id=tok("eos_token_id"), eot_id=tok("eot_token_id"),
+        pad_id=tok("padding_token_id"), unk_id=tok("unknown_token_id"),
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token")),
+        add_eos=bool(_field(reader, "tokenizer.ggml.add_eos_token")),
+        chat_template=_field(reader, "tokenizer.chat_template"))
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+def _config(reader, path: Path, arch: str, need: Callable[[str], Any], dtype: torch.dtype, vocab: GGUFVocab) -> dict:
+    """The HF config.json of the model, from the `{arch}.*` metadata and the tensors present."""
+    n_head, hidden = int(need(f"{arch}.attention.head_count")), int(need(f"{arch}.embedding_length"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length") or hidden // n_head)
+    rope_dim = int(_field(reader, f"{arch}.rope.dimension_count") or head_dim)
+    if rope_dim != head_dim:
+        raise GGUFConversionError(f"{path}: {arch}.rope.dimension_count {rope_dim} != head dim {head_dim} "
+                                  "(partial rotary embeddings are not supported)")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise GGUFConversionError(f"{path}: tensor 'token_embd.weight' is missing")
+    theta = float(_field(reader, f"{arch}.rope.freq_base") or 10000.0)
+    return {
+        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]), "hidden_size": hidden,
+        "intermediate_size": int(need(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(need(f"{arch}.block_count")),
+        "num_attention_heads": n_head, "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv")
+                                                                   or n_head),
+        "head_dim": head_dim, "hidden_act": "silu",
+        "rms_norm_eps": float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon") or 1e-6),
+        "rope_theta": theta, "rope_scaling": _rope_scaling(reader, path, arch, tensors, head_dim, theta),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length") or 4096),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors, "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id, "pad_token_id": vocab.pad_id,
+    }
+
+
+def _rope_scaling(reader, path: Path, arch: str, tensors: dict, head_dim: int, theta: float) -> dict | None:
+    """HF rope_scaling: llama3 (recognised from the `rope_freqs` factors), or linear/yarn from `rope.scaling.*`."""
+    if "rope_freqs.weight" in tensors:
+        factors = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float64)
+        scaling = {"rope_type": "llama3", "factor": float(factors.max()), **LLAMA3_ROPE}
+        if factors.shape != (head_dim // 2,) or not np.allclose(factors, _llama3_factors(scaling, head_dim, theta),
+                                                                rtol=1e-3):
+            raise GGUFConversionError(f"{path}: tensor rope_freqs.weight does not follow Llama 3's rope scaling")
+        return scaling
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = float(_field(reader, f"{arch}.rope.scaling.factor") or 1.0)
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        original = int(_field(reader, f"{arch}.rope.scaling.original_context_length") or 0)
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    raise GGUFConversionError(f"{path}: {arch}.rope.scaling.type {kind!r} not supported (linear, yarn)")
+
+
+def _llama3_factors(s: dict, head_dim: int, theta: float) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's convert script derives from a Llama 3 rope_scaling."""
+    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    old = s["original_max_position_embeddings"]
+    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    return np.where(wavelen < old / s["high_freq_factor"], 1.0,
+                    np.where(wavelen > old / s["low_freq_factor"], s["factor"],
+                             1.0 / ((1 - smooth) / s["factor"] + smooth)))
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in LAYER_TENSORS:
+        return f"model.layers.{parts[1]}.{LAYER_TENSORS[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in GLOBAL_TENSORS:
+        return f"{GLOBAL_TENSORS[parts[0]]}.{parts[1]}"
+    return None
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's `permute` of Q/K rows (rotary halves interleaved per head) for HF's rotate_half layout."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_weights(reader, path: Path, out: Path, dtype: torch.dtype, arch: str, n_head: int, n_kv: int) -> None:
+    """Dequantise each tensor and stream it into one safetensors file (one tensor in memory at a time)."""
+    import gguf
+
+    def load(t) -> torch.Tensor:
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise GGUFConversionError(f"{path}: tensor {t.name} has unsupported type {t.tensor_type.name}") from e
+        w = w.reshape([int(d) for d in reversed(t.shape)])
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+        if arch == "llama" and kind in ("attn_q", "attn_k"):  # weight and bias
+            w = _unpermute(w, n_head if kind == "attn_q" else n_kv)
+        return torch.from_numpy(np.require(w, np.float32, "W")).to(dtype)
+
+    plan = []
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None and t.name != "rope_freqs.weight":
+            raise GGUFConversionError(f"{path}: tensor {t.name!r} has no counterpart in {ARCHITECTURES[arch]}")
+        if name is not None:
+            plan.append((name, [int(d) for d in reversed(t.shape)], lambda t=t: load(t)))
+    _write_safetensors(out, plan, dtype)
+
+
+def _write_safetensors(out: Path, plan: list[tuple[str, list[int], Callable[[], torch.Tensor]]],
+                       dtype: torch.dtype) -> None:
+    """The safetensors format by hand (header of names/shapes/offsets, then raw bytes), so tensors can stream."""
+    itemsize, header, offset = torch.finfo(dtype).bits // 8, {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _ in plan:
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    try:
+        with open(out, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for _, _, load in plan:
+                f.write(load().reshape(-1).view(torch.uint8).numpy())
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data: dict, indent: int | None = 2) -> None:
+    path.write_text(json.dumps(data, indent=indent, ensure_ascii=False))
