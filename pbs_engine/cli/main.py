@@ -5,10 +5,10 @@ import argparse
 import sys
 
 from pbs_engine import __version__
-from pbs_engine.cli import bench, convert, evaluate, generate
+from pbs_engine.cli import batch, bench, chat, convert, evaluate, generate, serve
 from pbs_engine.cli.common import run_command
 
-COMMANDS = [generate, convert, bench, evaluate]
+COMMANDS = [generate, chat, serve, batch, convert, bench, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,10 +64,11 @@ def hub_snapshot(repo_id: str) -> Path:
 
 def converted_gguf(gguf_path: Path) -> Path:
     """Convert a GGUF file once into the cache and return the directory (atomic: converted aside, then renamed)."""
-    from pbs_engine.models.gguf_convert import convert_gguf
+    from pbs_engine.models.gguf_convert import CONVERTER_VERSION, convert_gguf
 
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    source = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERTER_VERSION}"
+    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         return target

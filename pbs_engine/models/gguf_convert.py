@@ -14,6 +14,7 @@ import torch
 from pbs_engine.models.errors import ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
 from pbs_engine.models.gguf_tokenizer import PRE_TOKENIZERS, GGUFVocab
 
+CONVERTER_VERSION = 2  # part of the cache key of converted models: bump when the output changes
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
