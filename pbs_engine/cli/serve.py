@@ -1,0 +1,55 @@
+"""`pbs-engine serve`: the OpenAI-compatible HTTP server (completions, chat, models, health, metrics)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pbs_engine.cli.common import add_model_args, llm_kwargs
+from pbs_engine.engine.model_source import DEFAULT_MODEL
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve POST /v1/completions, POST /v1/chat/completions, GET /v1/models, "
+                                   "GET /health and GET /metrics (Prometheus).")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("PBS_ENGINE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $PBS_ENGINE_API_KEY, else open)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients pass as `model` (default: --model, or the embedded model's alias)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests allowed to wait for their first token; more get 503 (default: 256)")
+    p.add_argument("--max-num-seqs", type=int, default=128, help="requests decoded together in one batch")
+    p.add_argument("--verbose", "-v", action="store_true", help="log every HTTP request")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def served_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        return DEFAULT_MODEL
+    path = Path(args.model)
+    return path.name if path.exists() else args.model
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pbs_engine import LLM
+    from pbs_engine.server import create_app
+
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port {args.port} is not a TCP port")
+    llm = LLM(**llm_kwargs(args), max_num_seqs=args.max_num_seqs)
+    name = served_name(args)
+    app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
+    print(f"pbs-engine: serving {name!r} at http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                access_log=args.verbose)
+    return 0
