@@ -9,12 +9,12 @@ from pbs_engine.cli.main import main
 def test_eval_smoke(smollm2_path, tmp_path):
     out = tmp_path / "eval"
     code = main(["eval", "--model", str(smollm2_path), "--device", "cpu", "--lengths", "2048",
-                 "--needle-lengths", "512", "--depths", "0.5", "--thresholds", "0.8", "--needle-seeds", "1",
+                 "--needle-lengths", "512", "--depths", "0.5", "--thresholds", "", "--needle-seeds", "1",
                  "--pbs-block-size", "64", "--pbs-segment-size", "128", "--out", str(out)])
     assert code == 0
     res = json.loads((out / "results.json").read_text())
     lm = {r["method"]: r for r in res["lm"]}
-    assert set(lm) == {"dense", "pbs", "pbs-nopermute", "pbs-budget10", "pbs-t0.8"}
+    assert set(lm) == {"dense", "pbs", "pbs-nopermute", "pbs-budget10"}
     assert lm["dense"]["top1_agreement"] == 1.0 and lm["dense"]["kl_from_dense"] == 0.0
     for r in lm.values():
         assert 0 < r["nll"] < 10 and 0 < r["density"] <= 1 and r["kl_from_dense"] >= -1e-6

@@ -114,3 +114,17 @@ def test_bad_sampling_params_are_named(field, value):
 def test_bad_prompt_type_is_named(smollm2):
     with pytest.raises(TypeError, match=r"prompts\[0\]"):
         smollm2.generate([123])
+
+
+def test_streamed_text_never_shows_part_of_a_stop_string(smollm2):
+    full = smollm2.generate(PROMPTS[1], SamplingParams(max_tokens=24, temperature=0))[0].text
+    stop = full.strip().split()[3]
+    engine = smollm2.engine
+    rid = engine.add_request(engine.tokenizer.encode(PROMPTS[1]), SamplingParams(max_tokens=24, temperature=0,
+                                                                                  stop=[stop]))
+    seen = []
+    while engine.has_unfinished():
+        seen += [o.text for o in engine.step() if o.request_id == rid]
+    # each streamed text extends the previous one: nothing later cut away (a partial stop string) was ever shown
+    assert all(a == b[:len(a)] for a, b in zip(seen, seen[1:]))
+    assert seen[-1] == full[:full.index(stop)]

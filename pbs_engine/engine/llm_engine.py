@@ -16,6 +16,14 @@ from pbs_engine.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pbs_engine.models.config import ModelConfig
 
 
+class StepError(RuntimeError):
+    """A batch failed on the device; names the requests it held so only they need failing."""
+
+    def __init__(self, request_ids: list[str], cause: Exception):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -89,7 +97,10 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = now
-        tokens = self.runner.step(batch, self._decode_token)
+        try:
+            tokens = self.runner.step(batch, self._decode_token)
+        except Exception as e:
+            raise StepError([s.request_id for s in batch.seqs], e) from e
         self.scheduler.after_step(batch)
         outputs = []
         for seq, tok in zip(batch.seqs, tokens):
@@ -147,8 +158,13 @@ class LLMEngine:
         self.runner.sampler.release(seq)
 
     def _output(self, seq: Sequence) -> RequestOutput:
+        text = seq.text
+        if seq.finish_reason is None and seq.params.stop_list:
+            # hold back what could still become a stop string, so streamed text never shows part of one
+            hold = max(len(s) for s in seq.params.stop_list) - 1
+            text = text[:max(0, len(text) - hold)]
         completion = CompletionOutput(
-            index=0, text=seq.text, token_ids=list(seq.output_ids),
+            index=0, text=text, token_ids=list(seq.output_ids),
             cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
             logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
         return RequestOutput(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_ids,

@@ -141,8 +141,9 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            logger.exception("engine step failed; failing the %d requests in flight", len(self._live))
-            self._abort_all(EngineError(f"the engine failed while running this request: {type(e).__name__}: {e}"))
+            ids = getattr(e, "request_ids", None)  # StepError names the batch; anything else fails everything live
+            logger.exception("engine step failed; failing %d requests", len(ids) if ids else len(self._live))
+            self._abort_all(EngineError(f"the engine failed while running this request: {e}"), ids)
             return
         for out in outputs:
             if out.finished:
@@ -151,14 +152,14 @@ class AsyncEngine:
         self.stats = self.engine.stats()  # before delivering: a client that saw an output sees the cache it used
         self._loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _abort_all(self, error: Exception) -> None:
-        failed = sorted(self._live)
+    def _abort_all(self, error: Exception, request_ids: list[str] | None = None) -> None:
+        failed = sorted(self._live if request_ids is None else self._live & set(request_ids))
         for rid in failed:
             try:
                 self.engine.abort(rid)
             except Exception:
                 logger.exception("could not abort request %s", rid)
-        self._live.clear()
+        self._live.difference_update(failed)
         self.metrics.failed += len(failed)
         self.stats = self.engine.stats()
         self._loop.call_soon_threadsafe(self._fail, failed, error)
