@@ -15,7 +15,7 @@ from pbs_engine.kernels import PBSConfig
 
 def add_args(p: argparse.ArgumentParser, prefill: bool) -> None:
     p.add_argument("--model", default="random:qwen2.5-7b-1m",
-                   help=f"random:<shape> ({', '.join(SHAPES)}) for random weights, or a model directory")
+                   help=f"random:<shape> ({', '.join(SHAPES)}) for random weights, or any --model of the engine")
     if prefill:
         p.add_argument("--lengths", default="8192,32768,131072", help="prompt lengths in tokens")
         p.add_argument("--methods", default="dense,pbs,pbs-budget10", help="dense, pbs (threshold), pbs-budget10")
@@ -36,7 +36,10 @@ def _model_source(spec: str) -> tuple[str, str, dict]:
         if name not in SHAPES:
             raise ValueError(f"--model {spec!r}: unknown shape; choose one of {', '.join(SHAPES)}")
         return str(shape_dir(name)), "dummy", SHAPES[name]
-    return spec, "auto", json.loads((Path(spec) / "config.json").read_text())
+    from pbs_engine.engine.model_source import resolve_model
+
+    path = resolve_model(spec)
+    return str(path), "auto", json.loads((path / "config.json").read_text())
 
 
 def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
