@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pbs_engine.cli.chat import add_sampling_args, sampling_params
-from pbs_engine.cli.common import add_model_args, llm_kwargs
+from pbs_engine.cli.common import add_model_args, add_sampling_args, llm_kwargs, sampling_params
 
 DEFAULT_TEMPLATE = "Summarise the following document in a few sentences.\n\n{text}"
 TEXT_SUFFIXES = (".txt", ".md")

@@ -23,6 +23,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pbs-segment-size", type=int, default=None, help="PBS permutation segment size in tokens")
 
 
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens per answer (default: {max_tokens})")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace):
+    from pbs_engine import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+
+
 def llm_kwargs(args: argparse.Namespace) -> dict:
     pbs = {k: v for k, v in (("threshold", args.pbs_threshold), ("block_size", args.pbs_block_size),
                              ("segment_size", args.pbs_segment_size)) if v is not None}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pbs_engine.cli.common import add_model_args, llm_kwargs
+from pbs_engine.cli.common import add_model_args, add_sampling_args, llm_kwargs, sampling_params
 
 
 def register(sub) -> None:
@@ -15,12 +15,7 @@ def register(sub) -> None:
     p.add_argument("--file", "-f", help="read prompts from this file, one per line")
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     p.add_argument("--system", default=None, help="system message for the chat template")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_args(p, max_tokens=256, temperature=0.0)
     p.add_argument("--verbose", "-v", action="store_true")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -41,11 +36,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pbs_engine import LLM, SamplingParams
+    from pbs_engine import LLM
 
     prompts = read_prompts(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+    params = sampling_params(args)
     llm = LLM(**llm_kwargs(args))
     if args.raw or not llm.get_tokenizer().chat_template:
         outputs = llm.generate(prompts, params)
