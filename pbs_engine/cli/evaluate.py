@@ -19,7 +19,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="quality of PBS against dense attention on real long text")
     p.add_argument("--lengths", type=_ints, default=[8192], help="LM-fidelity sequence lengths (tokens)")
     p.add_argument("--tasks", default="lm,attention,needle", help="any of lm, attention, needle")
-    p.add_argument("--thresholds", type=_floats, default=[0.8, 0.95], help="extra PBS thresholds to sweep")
+    p.add_argument("--thresholds", type=_floats, default=[0.8, 0.9], help="extra PBS thresholds to sweep")
     p.add_argument("--needle-lengths", type=_ints, default=None, help="needle context lengths (default: --lengths)")
     p.add_argument("--needle-seeds", type=int, default=2, help="needle prompts per (length, depth, keys)")
     p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depths (0 = start)")

@@ -8,7 +8,8 @@ from dataclasses import dataclass, replace
 class PBSConfig:
     block_size: int = 128  # tokens per query block and per key block
     segment_size: int = 256  # keys are permuted inside segments of this many tokens (a multiple of block_size)
-    threshold: float = 0.9  # keep the fewest key blocks whose softmaxed block-score mass reaches this
+    threshold: float = 0.95  # keep the fewest key blocks whose block-score mass reaches this (docs/eval.md: 0.95
+    # gives +0.73% NLL at 19% density on Qwen2.5-Coder-0.5B at 32K, 0.9 gives +3.3% at 13.5%)
     permute: bool = True  # False: the same selection on unpermuted keys (the paper's MeanPooling baseline)
     budget: float | None = None  # fixed density: keep this fraction of the visible key blocks (forced ones count)
     min_blocks: int | None = None  # budget mode: at least / at most this many selected (non-forced) key blocks
