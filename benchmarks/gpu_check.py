@@ -17,6 +17,7 @@ from pbs_engine.kernels.fused import rms_norm_triton, silu_and_mul_triton
 from pbs_engine.kernels.paged_decode import paged_decode_triton
 from pbs_engine.kernels.pbs_prefill import pbs_attention_triton, pbs_prefill_triton
 from pbs_engine.kernels.pbs_select import pbs_select
+from pbs_engine.kernels.importance import key_importance_ref, key_importance_triton
 from pbs_engine.kernels.rope import apply_rope_triton, build_cos_sin_cache, rope_inv_freq
 
 
@@ -26,6 +27,12 @@ def rel(a, b) -> float:
 
 def ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def graph_ms(fn) -> float:
+    """GPU time without launch overhead (the engine replays decode from CUDA graphs)."""
+    fn()
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
 def sdpa_ref(q, k, v, prefix):
@@ -67,6 +74,10 @@ def checks() -> None:
         q = torch.randn(3, 28, 128, device=dev, dtype=bf)
         e = rel(paged_decode_triton(q, kc, vc, tables, lens), paged_decode_ref(q, kc, vc, tables, lens))
         print(f"paged_decode page {page} rel err {e:.2e}", "OK" if e < 1e-2 else "FAIL")
+    for n, hq, hkv, d in ((5000, 28, 4, 128), (3000, 14, 2, 64)):
+        q, k = torch.randn(n, hq, d, device=dev, dtype=bf), torch.randn(n + 700, hkv, d, device=dev, dtype=bf)
+        a, b = key_importance_triton(q, k, 128, d ** -0.5), key_importance_ref(q, k, 128, d ** -0.5)
+        print(f"key_importance {hq}/{hkv} d{d} rel err {rel(a, b):.2e}", "OK" if rel(a, b) < 2e-2 else "FAIL")
     x, r, w = (torch.randn(*shape, device=dev, dtype=bf) for shape in ((1000, 3584), (1000, 3584), (3584,)))
     a, b = rms_norm_triton(x, w, 1e-6, r), rms_norm_ref(x, w, 1e-6, r)
     print(f"rms_norm+residual rel err {rel(a[0], b[0]):.2e} residual equal {torch.equal(a[1], b[1])}")
@@ -117,17 +128,22 @@ def pbs_timing(n: int, budgets: list[float]) -> None:
         attend = ms(lambda: pbs_attention_triton(q, sel, cfg, d ** -0.5))
         print(f"  budget {cfg.budget} thr {cfg.threshold} perm {cfg.permute}: density {density:.3f} total {total:.2f} "
               f"select {select:.2f} attend {attend:.2f} ms; total/dense {total / dense:.3f} target {density + 0.05:.3f}")
-    cfg = PBSConfig(budget=0.1)
-    sel = pbs_select(q, k, v, cfg, d ** -0.5)
+    t_ref = ms(lambda: key_importance_ref(q, k, 128, d ** -0.5))
+    t_tri = ms(lambda: key_importance_triton(q, k, 128, d ** -0.5))
+    print(f"  key importance: torch {t_ref:.2f} ms, triton {t_tri:.2f} ms")
     pp = sys.modules["pbs_engine.kernels.pbs_prefill"]
     default = pp.sparse_tiles
-    for tiles in [(64, 8, 2), (64, 8, 4), (128, 8, 2), (32, 4, 3), (64, 4, 3)]:
-        pp.sparse_tiles = lambda *_: tiles
-        try:
-            print(f"  sparse tiles {tiles}: attend {ms(lambda: pbs_attention_triton(q, sel, cfg, d ** -0.5)):.2f} ms")
-        except Exception as e:
-            print(f"  sparse tiles {tiles}: failed {type(e).__name__}: {str(e)[:100]}")
-    pp.sparse_tiles = default
+    for budget in (0.1, 0.2):
+        cfg = PBSConfig(budget=budget)
+        sel = pbs_select(q, k, v, cfg, d ** -0.5)
+        for tiles in [(128, 8, 2), (128, 8, 3), (64, 8, 3), (64, 4, 3), (128, 4, 2)]:
+            pp.sparse_tiles = lambda *_: tiles
+            try:
+                t = ms(lambda: pbs_attention_triton(q, sel, cfg, d ** -0.5))
+                print(f"  budget {budget} sparse tiles {tiles}: attend {t:.2f} ms = {t / dense:.3f} of dense")
+            except Exception as e:
+                print(f"  sparse tiles {tiles}: failed {type(e).__name__}: {str(e)[:100]}")
+        pp.sparse_tiles = default
 
 
 def select_profile(n: int) -> None:
@@ -159,7 +175,7 @@ def decode_timing(batches: list[int], contexts: list[int], variants: list[tuple[
             default = pd.decode_tiles
             for tiles in variants:
                 pd.decode_tiles = lambda *_: tiles
-                t = ms(lambda: paged_decode_triton(q, kc, vc, tables, lens))
+                t = graph_ms(lambda: paged_decode_triton(q, kc, vc, tables, lens))
                 bw = 2 * kc.numel() * 2 / (t * 1e-3)
                 print(f"decode b{b} ctx {ctx} {tiles}: {t * 1e3:.1f} us {bw / 1e12:.2f} TB/s = {bw / copy_bw:.2f} of copy")
             pd.decode_tiles = default
@@ -178,13 +194,18 @@ def main(argv: list[str]) -> int:
     if args.quick:
         return 0
     if "tiles" in parts:
-        tile_sweep(32768, [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 4)])
+        variants = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                    (128, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3)]
+        tile_sweep(32768, variants)
+        tile_sweep(131072, variants[:6])
     if "pbs" in parts:
         pbs_timing(131072, [0.05, 0.1, 0.2])
     if "profile" in parts:
         select_profile(131072)
     if "decode" in parts:
-        decode_timing([1], [4096, 65536, 131072], [(64, 4, 3, 4), (64, 4, 2, 4), (32, 4, 3, 4), (64, 4, 3, 2)])
+        decode_timing([1], [4096, 65536, 131072], [(64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 3, 16), (32, 4, 3, 8),
+                                                   (128, 8, 2, 8), (64, 4, 2, 2)])
+        decode_timing([64], [65536], [(64, 4, 3, 4), (64, 4, 3, 1)])
     return 0
 
 

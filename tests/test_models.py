@@ -24,3 +24,29 @@ def test_logits_match_transformers(kind, tmp_path):
         expected = ref(ids[None]).logits[0]
         got = ours.compute_logits(ours(ids, torch.arange(len(ids)), prefill_meta(len(ids))))
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_pbs_dense_layers_attend_densely(tmp_path):
+    """PBSConfig.dense_layers: those first layers run dense attention; the rest run PBS and report their stats."""
+    from pbs_engine.kernels import PBSConfig
+
+    make_tiny("llama_gqa_llama3", tmp_path)
+    model = build_model(tmp_path, torch.device("cpu"), torch.float32, max_position=512)
+    ids = torch.randint(0, 320, (300,), generator=torch.Generator().manual_seed(2))
+
+    def run(method, pbs):
+        meta, stats = prefill_meta(len(ids)), []
+        meta.prefill_method, meta.pbs, meta.pbs_stats = method, pbs, stats
+        with torch.no_grad():
+            return model.compute_logits(model(ids, torch.arange(len(ids)), meta)), [layer for layer, _ in stats]
+
+    sparse = PBSConfig(block_size=16, segment_size=32, budget=0.2)
+    dense, _ = run("dense", None)
+    all_dense, layers = run("pbs", PBSConfig(block_size=16, segment_size=32, budget=0.2, dense_layers=2))
+    torch.testing.assert_close(all_dense, dense)
+    assert layers == []
+    first_dense, layers = run("pbs", PBSConfig(block_size=16, segment_size=32, budget=0.2, dense_layers=1))
+    assert layers == [1]
+    all_sparse, layers = run("pbs", sparse)
+    assert layers == [0, 1]
+    assert not torch.allclose(first_dense, all_sparse) and not torch.allclose(first_dense, dense)

@@ -20,6 +20,9 @@ def register(sub) -> None:
     p.add_argument("--lengths", type=_ints, default=[8192], help="LM-fidelity sequence lengths (tokens)")
     p.add_argument("--tasks", default="lm,attention,needle", help="any of lm, attention, needle")
     p.add_argument("--thresholds", type=_floats, default=[0.8, 0.9], help="extra PBS thresholds to sweep")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FIELD:VALUE,...",
+                   help="an extra PBS method: the configured PBS with these PBSConfig fields changed, e.g. "
+                        "local1=local_segments:1,threshold:0.9 (repeatable)")
     p.add_argument("--needle-lengths", type=_ints, default=None, help="needle context lengths (default: --lengths)")
     p.add_argument("--needle-seeds", type=int, default=2, help="needle prompts per (length, depth, keys)")
     p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depths (0 = start)")
@@ -41,9 +44,13 @@ def run(args: argparse.Namespace) -> int:
         unknown = set(tasks) - {"lm", "attention", "needle"}
         if unknown:
             raise ValueError(f"--tasks: unknown {sorted(unknown)}; choose from lm, attention, needle")
+        from pbs_engine.eval.methods import parse_variant
+
+        for spec in args.variant:
+            parse_variant(spec)  # a bad spec fails before the model loads
         llm = LLM(**llm_kwargs(args))
         run_eval(llm, args.lengths, tasks, args.thresholds, args.needle_lengths or args.lengths, args.depths,
-                 args.needle_seeds, out)
+                 args.needle_seeds, out, args.variant)
         print((out / "summary.md").read_text())
     try:
         for path in plot_all(out / "results.json", out):

@@ -1,14 +1,33 @@
 """The attention methods an evaluation compares, by name."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 from pbs_engine.kernels import PBSConfig
 
 
-def methods(base: PBSConfig, thresholds: list[float] | None = None) -> dict[str, tuple[str, PBSConfig | None]]:
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """"NAME=field:value,field:value" (PBSConfig fields) -> (NAME, {field: value})."""
+    name, _, body = spec.partition("=")
+    fields = {f.name: f.type for f in dataclasses.fields(PBSConfig)}
+    out: dict = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition(":")
+        if key not in fields or not value:
+            raise ValueError(f"--variant {spec!r}: {item!r} is not FIELD:VALUE with FIELD one of {sorted(fields)}")
+        out[key] = value.lower() in ("1", "true") if key == "permute" else (
+            int(value) if key in ("block_size", "segment_size", "min_blocks", "max_blocks", "local_segments",
+                                  "dense_layers") else float(value))
+    if not name or not out:
+        raise ValueError(f"--variant {spec!r}: expected NAME=field:value[,field:value...]")
+    return name, out
+
+
+def methods(base: PBSConfig, thresholds: list[float] | None = None,
+            variants: list[str] | None = None) -> dict[str, tuple[str, PBSConfig | None]]:
     """name -> (prefill attention, PBS config): dense, PBS with `base`, the same without permutation, a 10% budget,
-    and PBS at each extra threshold."""
+    PBS at each extra threshold, and each named variant of `base` ("NAME=field:value,...")."""
     table = {
         "dense": ("dense", None),
         "pbs": ("pbs", base),
@@ -17,4 +36,7 @@ def methods(base: PBSConfig, thresholds: list[float] | None = None) -> dict[str,
     }
     for t in thresholds or []:
         table[f"pbs-t{t:g}"] = ("pbs", replace(base, threshold=t))
+    for spec in variants or []:
+        name, fields = parse_variant(spec)
+        table[name] = ("pbs", replace(base, **fields))
     return table

@@ -14,12 +14,12 @@ from pbs_engine.eval.text import stdlib_text
 
 
 def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float], needle_lengths: list[int],
-             depths: list[float], needle_seeds: int, out_dir: Path) -> dict:
+             depths: list[float], needle_seeds: int, out_dir: Path, variants: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = llm.engine.runner.model
     tok = llm.get_tokenizer()
     base = llm.engine.config.pbs
-    table = method_table(base, thresholds)
+    table = method_table(base, thresholds, variants)
     ids = tok.encode(stdlib_text(min_chars=5 * max(lengths + needle_lengths)), add_special_tokens=False)
     if len(ids) < max(lengths):
         raise ValueError(f"only {len(ids)} tokens of text for --lengths up to {max(lengths)}")

@@ -8,12 +8,14 @@ from dataclasses import dataclass, replace
 class PBSConfig:
     block_size: int = 128  # tokens per query block and per key block
     segment_size: int = 256  # keys are permuted inside segments of this many tokens (a multiple of block_size)
-    threshold: float = 0.95  # keep the fewest key blocks whose block-score mass reaches this (docs/eval.md: 0.95
-    # gives +0.73% NLL at 19% density on Qwen2.5-Coder-0.5B at 32K, 0.9 gives +3.3% at 13.5%)
+    threshold: float = 0.95  # keep the fewest key blocks whose share of the block-score mass outside the diagonal
+    # segment reaches this (the paper's rule: the diagonal segment is always kept and takes no part in the softmax)
     permute: bool = True  # False: the same selection on unpermuted keys (the paper's MeanPooling baseline)
     budget: float | None = None  # fixed density: keep this fraction of the visible key blocks (forced ones count)
     min_blocks: int | None = None  # budget mode: at least / at most this many selected (non-forced) key blocks
     max_blocks: int | None = None  # per query block, whatever the threshold or budget asks for
+    local_segments: int = 0  # also always keep this many whole segments just before the diagonal one (a recent window)
+    dense_layers: int = 0  # the first layers attend densely (the engine's attention layers read this)
 
     def __post_init__(self) -> None:
         checks = [
@@ -26,6 +28,8 @@ class PBSConfig:
             (self.min_blocks is None or self.min_blocks >= 0, "min_blocks", "must be >= 0"),
             (self.max_blocks is None or self.max_blocks >= (self.min_blocks or 0), "max_blocks",
              "must be >= min_blocks"),
+            (self.local_segments >= 0, "local_segments", "must be >= 0"),
+            (self.dense_layers >= 0, "dense_layers", "must be >= 0"),
         ]
         for ok, name, why in checks:
             if not ok:

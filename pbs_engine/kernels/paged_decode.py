@@ -69,7 +69,7 @@ def _paged_decode_split_kernel(Q, KC, VC, tables, lens, O_part, LSE_part, sm_sca
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VC + block * s_vb + (tok % PAGE)[:, None] * s_vp + g * s_vh + offs_d[None, :])
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     empty = l_i == 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -4,19 +4,28 @@
    query heads of its KV group, so one permutation serves one KV head).
 2. Permutation: inside each segment, keys sorted by importance, so the keys that matter cluster into few blocks.
 3. Block scores: mean-pooled query blocks against mean-pooled (permuted) key blocks, softmaxed over the visible
-   blocks. Per query block keep the first key block and every block of its diagonal segment(s), then the fewest
-   other blocks whose mass, added to theirs, reaches the threshold (or a fixed fraction in budget mode), clamped
-   to [min_blocks, max_blocks].
+   blocks outside the diagonal segment (as the paper does: the diagonal segment is kept whatever its score). Per
+   query block keep the first key block, every block of its diagonal segment(s) and of the `local_segments`
+   segments before them, then the fewest other blocks whose mass, added to the kept blocks' mass, reaches the
+   threshold (or a fixed fraction of the visible blocks in budget mode), clamped to [min_blocks, max_blocks].
 4. The kept blocks become a compact list per (query head, query block), ascending, padded to the longest list;
    the diagonal-segment blocks, which need the causal mask, are the last `diag_count` entries of each list.
+
+Steps 1 and 3-4 have Triton kernels on CUDA (importance.py; `_choose_kernel` below fuses the softmax, the sort,
+the threshold or budget cut and the compaction, one program per (query head, query block)); the torch code is the
+CPU path and the kernels' reference.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from pbs_engine.kernels.config import PBSConfig
+from pbs_engine.kernels.dispatch import use_triton
+from pbs_engine.kernels.importance import key_importance
 
 
 @dataclass
@@ -59,23 +68,6 @@ def _block_means(x: torch.Tensor, n: int, block: int) -> torch.Tensor:
     return means
 
 
-def key_importance(q: torch.Tensor, k: torch.Tensor, block: int, scale: float) -> torch.Tensor:
-    """(Hkv, N_kv): mean attention probability from the last query block, pooled over each KV group's heads."""
-    n, hq, d = q.shape
-    n_kv, hkv, _ = k.shape
-    group = hq // hkv
-    last = q[max(0, n - block):]
-    rows = last.shape[0]
-    future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)  # among the last `rows` keys
-    out = torch.empty(hkv, n_kv, dtype=torch.float32, device=q.device)
-    for h in range(hkv):  # one KV head at a time bounds the (group x rows x N_kv) score buffer
-        ql = (last[:, h * group:(h + 1) * group].transpose(0, 1) * scale).reshape(group * rows, d)
-        scores = (ql @ k[:, h].T).view(group, rows, n_kv)
-        scores[..., n_kv - rows:].masked_fill_(future, float("-inf"))
-        out[h] = torch.softmax(scores, -1).mean((0, 1), dtype=torch.float32)  # probabilities in q's dtype
-    return out
-
-
 def _permutation(q: torch.Tensor, k: torch.Tensor, cfg: PBSConfig, scale: float, npad: int) -> torch.Tensor:
     """(Hkv, Npad) original position of each permuted key slot; slots past N_kv hold padding positions."""
     n_kv, hkv, _ = k.shape
@@ -112,6 +104,94 @@ def _choose(probs: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, cf
     return forced | (candidate & (cand_p >= cut) & (n_sel > 0)[..., None])
 
 
+def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """keep (Hq, nqb, nkb) bool -> (ascending kept block indices padded to the longest list, counts)."""
+    hq, nqb, nkb = keep.shape
+    counts = keep.sum(-1)
+    max_kept = int(counts.max())
+    slot = torch.where(keep, keep.cumsum(-1) - 1, max_kept)  # position in the compact list; max_kept: discarded
+    idx = torch.zeros(hq, nqb, max_kept + 1, dtype=torch.int32, device=keep.device)
+    idx.scatter_(-1, slot, torch.arange(nkb, dtype=torch.int32, device=keep.device).expand(hq, nqb, nkb))
+    return idx[..., :max_kept], counts
+
+
+MAX_FUSED_BLOCKS = 4096  # longer rows (over 512K keys at block 128) take the torch path
+
+
+@triton.jit
+def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, threshold, min_sel, max_sel,
+                   s_sh, s_sm, s_ih, s_im, s_ch,
+                   BS: tl.constexpr, SEG: tl.constexpr, LOCAL: tl.constexpr, PERMUTE: tl.constexpr,
+                   MODE: tl.constexpr, NKB: tl.constexpr):
+    # Program (query head h, query block m): the same decision as `_choose` + `_compact` for one row of block
+    # scores. MODE 0: threshold; 1: budget (NSEL[m] selected blocks, precomputed); 2: every candidate.
+    h = tl.program_id(0)
+    m = tl.program_id(1)
+    j = tl.arange(0, NKB)
+    real = j < nkb
+    s = tl.load(S + h * s_sh + m * s_sm + j, mask=real, other=float("-inf"))
+    q_first = prefix + m * BS
+    q_last = prefix + tl.minimum((m + 1) * BS, n_q) - 1
+    block_seg = j * BS // SEG * SEG
+    if PERMUTE:
+        earliest = block_seg
+    else:
+        earliest = j * BS
+    visible = real & (earliest <= q_last)
+    diag_start = q_first // SEG * SEG
+    diag = visible & (block_seg >= diag_start)
+    forced = visible & ((block_seg >= diag_start - LOCAL * SEG) | (j == 0))
+    soft = visible & (diag == 0)
+    logits = tl.where(soft, s, float("-inf"))
+    top = tl.max(logits, 0)
+    e = tl.where(soft, tl.exp(logits - tl.where(top == float("-inf"), 0.0, top)), 0.0)
+    total = tl.sum(e, 0)
+    probs = e / tl.where(total == 0, 1.0, total)
+    candidate = visible & (forced == 0)
+    n_cand = tl.sum(candidate.to(tl.int32), 0)
+    cand_p = tl.where(candidate, probs, -1.0)
+    sorted_p = tl.sort(cand_p, descending=True)
+    if MODE == 0:
+        mass = tl.maximum(sorted_p, 0.0)
+        before = tl.sum(tl.where(forced, probs, 0.0), 0) + tl.cumsum(mass, 0) - mass
+        n_sel = tl.sum(((before < threshold) & (sorted_p >= 0)).to(tl.int32), 0)
+    elif MODE == 1:
+        n_sel = tl.load(NSEL + m)
+    else:
+        n_sel = n_cand
+    n_sel = tl.minimum(tl.minimum(tl.maximum(n_sel, min_sel), max_sel), n_cand)
+    cut = tl.sum(tl.where(j == tl.maximum(n_sel - 1, 0), sorted_p, 0.0), 0)
+    keep = (forced | (candidate & (cand_p >= cut) & (n_sel > 0))).to(tl.int32)
+    slot = tl.cumsum(keep, 0) - 1
+    tl.store(IDX + h * s_ih + m * s_im + slot, j, mask=keep > 0)
+    tl.store(CNT + h * s_ch + m, tl.sum(keep, 0))
+
+
+def choose_triton(scores: torch.Tensor, forced: torch.Tensor, visible: torch.Tensor, cfg: PBSConfig, n_q: int,
+                  prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (Hq, nqb, nkb) scaled block scores -> (kept block indices (Hq, nqb, nkb), counts (Hq, nqb)); the
+    geometry (visible, diagonal, forced blocks) is recomputed in the kernel, `forced`/`visible` only size the
+    budget."""
+    hq, nqb, nkb = scores.shape
+    scores = scores.contiguous()
+    idx = torch.zeros(hq, nqb, nkb, dtype=torch.int32, device=scores.device)
+    counts = torch.empty(hq, nqb, dtype=torch.int32, device=scores.device)
+    if cfg.budget is not None:
+        mode = 1
+        n_sel = (torch.ceil(cfg.budget * visible.sum(-1).double() - 1e-6).long() - forced.sum(-1)).to(torch.int32)
+    else:
+        mode, n_sel = (2 if cfg.threshold >= 1.0 else 0), counts  # NSEL unused
+    on_gpu = scores.device.type == "cuda"
+    width = triton.next_power_of_2(nkb)
+    _choose_kernel[(hq, nqb)](
+        scores, n_sel, idx, counts, n_q, prefix, nkb, cfg.threshold, cfg.min_blocks or 0,
+        cfg.max_blocks if cfg.max_blocks is not None else nkb,
+        scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
+        BS=cfg.block_size, SEG=cfg.segment_size, LOCAL=cfg.local_segments, PERMUTE=cfg.permute, MODE=mode,
+        NKB=width, num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
+    return idx, counts
+
+
 def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig, scale: float) -> PBSSelection:
     """Permute K/V and choose the key blocks each (query head, query block) attends to."""
     n, hq, d = q.shape
@@ -139,17 +219,18 @@ def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
     block_seg = j * bs // seg * seg
     earliest = block_seg if cfg.permute else j * bs
     visible = earliest[None, :] <= q_last[:, None]
-    diag = visible & (block_seg[None, :] >= (q_first // seg * seg)[:, None])
-    forced = diag | (visible & (j == 0)[None, :])
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    keep = _choose(probs, visible, forced, cfg)
-
-    counts = keep.sum(-1)
-    max_kept = int(counts.max())
-    slot = torch.where(keep, keep.cumsum(-1) - 1, max_kept)  # position in the compact list; max_kept: discarded
-    idx = torch.zeros(hq, nqb, max_kept + 1, dtype=torch.int32, device=dev)
-    idx.scatter_(-1, slot, j.to(torch.int32).expand(hq, nqb, nkb))
+    diag_start = q_first // seg * seg
+    diag = visible & (block_seg[None, :] >= diag_start[:, None])
+    local = visible & (block_seg[None, :] >= (diag_start - cfg.local_segments * seg)[:, None])
+    forced = local | (visible & (j == 0)[None, :])
+    if use_triton(q) and triton.next_power_of_2(nkb) <= MAX_FUSED_BLOCKS:
+        idx, counts = choose_triton(scores, forced, visible, cfg, n, prefix)
+        max_kept = int(counts.max())
+        idx = idx[..., :max_kept]
+    else:
+        probs = scores.masked_fill(~(visible & ~diag), float("-inf")).softmax(-1).nan_to_num_(0.0)
+        idx, counts = _compact(_choose(probs, visible, forced, cfg))
     return PBSSelection(keys=keys, values=values, key_pos=perm.to(torch.int32).contiguous(), q_offset=prefix,
-                        block_idx=idx[..., :max_kept].contiguous(), block_count=counts.to(torch.int32),
+                        block_idx=idx, block_count=counts.to(torch.int32),
                         diag_count=diag.sum(-1).to(torch.int32), kept=counts.sum(-1),
                         visible=visible.sum().expand(hq))

@@ -2,6 +2,8 @@
 and the method's defining behaviours."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -25,6 +27,7 @@ CONFIGS = {
     "threshold": PBSConfig(threshold=0.6, **SMALL),
     "budget-nopermute": PBSConfig(budget=0.3, permute=False, **SMALL),
     "min-max-blocks": PBSConfig(threshold=0.5, min_blocks=1, max_blocks=2, block_size=16, segment_size=64),
+    "local-window": PBSConfig(threshold=0.5, local_segments=1, **SMALL),
 }
 
 
@@ -56,6 +59,16 @@ def test_first_block_and_diagonal_segment_survive_any_budget():
     for m in range(128 // 16):
         kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
         assert kept == {0} | set(range(m * 16 // 32 * 2, m * 16 // 32 * 2 + 2))
+
+
+def test_local_segments_keep_a_recent_window():
+    q, k, v = rand(160, 2, 64, seed=14), rand(160, 1, 64, seed=15), rand(160, 1, 64, seed=16)
+    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, local_segments=2, **SMALL), 0.125)
+    for m in range(160 // 16):
+        kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
+        diag_seg = m * 16 // 32
+        assert kept == {0} | set(range(max(0, diag_seg - 2) * 2, diag_seg * 2 + 2))
+        assert int(sel.diag_count[m]) == 2  # only the diagonal segment needs the causal mask
 
 
 def test_max_blocks_caps_the_selected_blocks():
@@ -101,3 +114,19 @@ def test_cpu_engine_path_matches_specification(n, n_kv):
         ref, ref_stats = pbs_prefill_ref(q, k, v, cfg)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert stats.density == pytest.approx(ref_stats.density)
+
+
+@pytest.mark.parametrize("name, n, n_kv", [(name, 200, 260) for name in (*CONFIGS, "all")]
+                         + [("threshold", 70, 133)])  # the interpreter runs one program per (head, query block)
+def test_fused_choice_kernel_matches_torch(monkeypatch, name, n, n_kv):
+    """The fused softmax/sort/cut/compaction kernel (interpreter) picks exactly the blocks the torch path does."""
+    ps = importlib.import_module("pbs_engine.kernels.pbs_select")  # the package's `pbs_select` is the function
+    cfg = PBSConfig(threshold=1.0, **SMALL) if name == "all" else CONFIGS[name]
+    q, k, v = rand(n, 8, 64, seed=22), rand(n_kv, 2, 64, seed=23), rand(n_kv, 2, 64, seed=24)
+    ref = pbs_select(q, k, v, cfg, 0.125)
+    monkeypatch.setattr(ps, "use_triton", lambda _: True)
+    got = pbs_select(q, k, v, cfg, 0.125)
+    assert got.block_count.tolist() == ref.block_count.tolist()
+    assert got.block_idx.shape == ref.block_idx.shape
+    listed = torch.arange(ref.block_idx.shape[2]) < ref.block_count[..., None]
+    assert torch.equal(got.block_idx[listed], ref.block_idx[listed])

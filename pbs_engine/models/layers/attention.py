@@ -60,7 +60,7 @@ class Attention(nn.Module):
             return paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, sm_scale=self.scale)
         if meta.has_prefix:
             k, v = self._gather_context(meta)
-        if meta.prefill_method == "pbs":
+        if meta.prefill_method == "pbs" and self.layer_idx >= meta.pbs.dense_layers:
             return self._pbs(q, k, v, meta)
         return flash_prefill(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, sm_scale=self.scale)
 
