@@ -130,7 +130,7 @@ def capture_qkv(model: str, lengths: list[int], layer: int | None) -> dict:
     from pbs_engine.eval.text import stdlib_text
     from pbs_engine.models.layers.attention import AttentionMetadata
 
-    llm = LLM(model=model, attention="dense", max_model_len=max(lengths) + 16, num_kv_blocks=4,
+    llm = LLM(model=model, attention="dense", max_model_len=max(lengths), num_kv_blocks=max(lengths) // 256 + 1,
               enforce_eager=True)
     net = llm.engine.runner.model
     layers = net.attention_layers()

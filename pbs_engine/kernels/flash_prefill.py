@@ -110,14 +110,17 @@ def _flash_prefill_kernel(Q, K, V, O, cu_q, cu_k, sm_scale,
              mask=(offs_m < q_len)[:, None])
 
 
-def prefill_tiles(head_dim: int, device: torch.device, max_seqlen_k: int = 0) -> tuple[int, int, int, int]:
+def prefill_tiles(head_dim: int, device: torch.device, num_keys: int = 0, dtype_bytes: int = 2
+                  ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the dense kernel. H100, d=128 (benchmarks/gpu_check.py):
     128/64/8 with 3 stages 512 TFLOP/s at 32K, 4 stages 500 at 128K (491 with 3); 128/128/8/3 502 and 500."""
     if device.type != "cuda":
         return 16, 16, 4, 1
+    if dtype_bytes > 2:  # float32 tiles take twice the shared memory
+        return 64, 64, 4, 2
     if head_dim <= 64:
         return 128, 128, 8, 3
-    return 128, 64, 8, 4 if max_seqlen_k >= 65536 else 3
+    return 128, 64, 8, 4 if num_keys >= 65536 else 3
 
 
 def flash_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -128,7 +131,7 @@ def flash_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     batch = cu_seqlens_q.numel() - 1
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    block_m, block_n, warps, stages = prefill_tiles(q.shape[-1], q.device, k.shape[0])
+    block_m, block_n, warps, stages = prefill_tiles(q.shape[-1], q.device, k.shape[0], q.element_size())
     grid = (q.shape[1], triton.cdiv(max_seqlen_q, block_m), batch)
     _flash_prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale,

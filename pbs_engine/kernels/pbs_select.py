@@ -34,7 +34,7 @@ class PBSSelection:
     values: torch.Tensor  # (Hkv, Npad, D) permuted values
     key_pos: torch.Tensor  # (Hkv, Npad) int32 original position of each permuted key (>= N_kv: padding)
     q_offset: int  # position of query 0 (= N_kv - N); padding keys lie past every query, so causality hides them
-    block_idx: torch.Tensor  # (Hq, num_q_blocks, max_kept) int32 kept key blocks, ascending
+    block_idx: torch.Tensor  # (Hq, num_q_blocks, width >= longest list) int32 kept key blocks, ascending
     block_count: torch.Tensor  # (Hq, num_q_blocks) int32 how many entries of block_idx are real
     diag_count: torch.Tensor  # (num_q_blocks,) int32 how many of them (the last ones) lie in the diagonal segment
     kept: torch.Tensor  # (Hq,) kept (query block, key block) pairs per head
@@ -224,9 +224,7 @@ def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
     local = visible & (block_seg[None, :] >= (diag_start - cfg.local_segments * seg)[:, None])
     forced = local | (visible & (j == 0)[None, :])
     if use_triton(q) and triton.next_power_of_2(nkb) <= MAX_FUSED_BLOCKS:
-        idx, counts = choose_triton(scores, forced, visible, cfg, n, prefix)
-        max_kept = int(counts.max())
-        idx = idx[..., :max_kept]
+        idx, counts = choose_triton(scores, forced, visible, cfg, n, prefix)  # lists padded to nkb: no host sync
     else:
         probs = scores.masked_fill(~(visible & ~diag), float("-inf")).softmax(-1).nan_to_num_(0.0)
         idx, counts = _compact(_choose(probs, visible, forced, cfg))
