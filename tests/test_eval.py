@@ -14,7 +14,7 @@ def test_eval_smoke(smollm2_path, tmp_path):
     assert code == 0
     res = json.loads((out / "results.json").read_text())
     lm = {r["method"]: r for r in res["lm"]}
-    assert set(lm) == {"dense", "pbs", "pbs-nopermute", "pbs-budget10"}
+    assert set(lm) == {"dense", "pbs", "pbs-permute", "pbs-budget10"}
     assert lm["dense"]["top1_agreement"] == 1.0 and lm["dense"]["kl_from_dense"] == 0.0
     for r in lm.values():
         assert 0 < r["nll"] < 10 and 0 < r["density"] <= 1 and r["kl_from_dense"] >= -1e-6

@@ -21,6 +21,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pbs-threshold", type=float, default=None, help="PBS block-selection mass threshold")
     g.add_argument("--pbs-block-size", type=int, default=None, help="PBS block size in tokens")
     g.add_argument("--pbs-segment-size", type=int, default=None, help="PBS permutation segment size in tokens")
+    g.add_argument("--pbs-permute", action=argparse.BooleanOptionalAction, default=None,
+                   help="PBS: permute keys inside segments before block selection (default: off, docs/eval.md)")
     g.add_argument("--pbs-local-segments", type=int, default=None,
                    help="PBS: also always keep this many segments before the diagonal one (recent window)")
     g.add_argument("--pbs-dense-layers", type=int, default=None, help="PBS: the first N layers attend densely")
@@ -46,7 +48,8 @@ def sampling_params(args: argparse.Namespace):
 def llm_kwargs(args: argparse.Namespace) -> dict:
     pbs = {k: v for k, v in (("threshold", args.pbs_threshold), ("block_size", args.pbs_block_size),
                              ("segment_size", args.pbs_segment_size), ("local_segments", args.pbs_local_segments),
-                             ("dense_layers", args.pbs_dense_layers)) if v is not None}
+                             ("dense_layers", args.pbs_dense_layers), ("permute", args.pbs_permute))
+           if v is not None}
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                 max_model_len=args.max_model_len, pbs=PBSConfig(**pbs))
 

@@ -16,7 +16,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         key, _, value = item.partition(":")
         if key not in fields or not value:
             raise ValueError(f"--variant {spec!r}: {item!r} is not FIELD:VALUE with FIELD one of {sorted(fields)}")
-        out[key] = value.lower() in ("1", "true") if key == "permute" else (
+        out[key] = value.lower() in ("1", "true") if key in ("permute", "shared_permutation") else (
             int(value) if key in ("block_size", "segment_size", "min_blocks", "max_blocks", "local_segments",
                                   "dense_layers") else float(value))
     if not name or not out:
@@ -26,12 +26,13 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def methods(base: PBSConfig, thresholds: list[float] | None = None,
             variants: list[str] | None = None) -> dict[str, tuple[str, PBSConfig | None]]:
-    """name -> (prefill attention, PBS config): dense, PBS with `base`, the same without permutation, a 10% budget,
+    """name -> (prefill attention, PBS config): dense, PBS with `base`, the same with the permutation switched (on
+    or off), a 10% budget,
     PBS at each extra threshold, and each named variant of `base` ("NAME=field:value,...")."""
     table = {
         "dense": ("dense", None),
         "pbs": ("pbs", base),
-        "pbs-nopermute": ("pbs", replace(base, permute=False)),
+        ("pbs-nopermute" if base.permute else "pbs-permute"): ("pbs", replace(base, permute=not base.permute)),
         "pbs-budget10": ("pbs", PBSConfig.budget_of(0.10, base)),
     }
     for t in thresholds or []:

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from pbs_engine.kernels.config import PBSConfig
 from pbs_engine.kernels.dispatch import use_triton
-from pbs_engine.kernels.pbs_select import PBSSelection, PBSStats, pbs_select
+from pbs_engine.kernels.pbs_select import PBSSelection, PBSStats, pbs_select, per_head_kv
 
 
 def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
@@ -24,6 +24,8 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
     densely under the block mask."""
     cfg, (n, hq, d), (n_kv, hkv, _) = config, q.shape, k.shape
     scale = sm_scale if sm_scale is not None else d ** -0.5
+    k, v = per_head_kv(q, k, v, cfg)
+    hkv = k.shape[1]
     bs, seg, group = cfg.block_size, cfg.segment_size, hq // hkv
     q_pos = torch.arange(n) + n_kv - n
     causal = torch.arange(n_kv)[None, :] <= q_pos[:, None]  # (N, N_kv) in original positions

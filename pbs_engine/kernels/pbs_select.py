@@ -104,6 +104,15 @@ def _choose(probs: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, cf
     return forced | (candidate & (cand_p >= cut) & (n_sel > 0)[..., None])
 
 
+def per_head_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V repeated for every query head when each query head gets its own permutation, else unchanged."""
+    group = q.shape[1] // k.shape[1]
+    if cfg.permute and not cfg.shared_permutation and group > 1:
+        return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return k, v
+
+
 def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """keep (Hq, nqb, nkb) bool -> (ascending kept block indices padded to the longest list, counts)."""
     hq, nqb, nkb = keep.shape
@@ -194,6 +203,7 @@ def choose_triton(scores: torch.Tensor, forced: torch.Tensor, visible: torch.Ten
 
 def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig, scale: float) -> PBSSelection:
     """Permute K/V and choose the key blocks each (query head, query block) attends to."""
+    k, v = per_head_kv(q, k, v, cfg)
     n, hq, d = q.shape
     n_kv, hkv, _ = k.shape
     group, bs, seg = hq // hkv, cfg.block_size, cfg.segment_size

@@ -24,10 +24,12 @@ def dense(q, k, v):
 
 
 CONFIGS = {
-    "threshold": PBSConfig(threshold=0.6, **SMALL),
+    "threshold": PBSConfig(threshold=0.6, **SMALL, permute=True),
     "budget-nopermute": PBSConfig(budget=0.3, permute=False, **SMALL),
-    "min-max-blocks": PBSConfig(threshold=0.5, min_blocks=1, max_blocks=2, block_size=16, segment_size=64),
-    "local-window": PBSConfig(threshold=0.5, local_segments=1, **SMALL),
+    "min-max-blocks": PBSConfig(threshold=0.5, min_blocks=1, max_blocks=2, block_size=16, segment_size=64,
+                                permute=True),
+    "local-window": PBSConfig(threshold=0.5, local_segments=1, **SMALL, permute=True),
+    "per-head-permutation": PBSConfig(threshold=0.6, shared_permutation=False, **SMALL, permute=True),
 }
 
 
@@ -55,7 +57,7 @@ def test_threshold_one_equals_dense_causal_attention(n, n_kv, permute):
 
 def test_first_block_and_diagonal_segment_survive_any_budget():
     q, k, v = rand(128, 2, 64, seed=14), rand(128, 1, 64, seed=15), rand(128, 1, 64, seed=16)
-    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, **SMALL), 0.125)
+    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, **SMALL, permute=True), 0.125)
     for m in range(128 // 16):
         kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
         assert kept == {0} | set(range(m * 16 // 32 * 2, m * 16 // 32 * 2 + 2))
@@ -63,7 +65,7 @@ def test_first_block_and_diagonal_segment_survive_any_budget():
 
 def test_local_segments_keep_a_recent_window():
     q, k, v = rand(160, 2, 64, seed=14), rand(160, 1, 64, seed=15), rand(160, 1, 64, seed=16)
-    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, local_segments=2, **SMALL), 0.125)
+    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, local_segments=2, **SMALL, permute=True), 0.125)
     for m in range(160 // 16):
         kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
         diag_seg = m * 16 // 32
@@ -73,7 +75,7 @@ def test_local_segments_keep_a_recent_window():
 
 def test_max_blocks_caps_the_selected_blocks():
     q, k, v = rand(256, 2, 64, seed=17), rand(256, 1, 64, seed=18), rand(256, 1, 64, seed=19)
-    sel = pbs_select(q, k, v, PBSConfig(threshold=0.99, max_blocks=3, **SMALL), 0.125)
+    sel = pbs_select(q, k, v, PBSConfig(threshold=0.99, max_blocks=3, **SMALL, permute=True), 0.125)
     forced = 1 + 2  # first block and the two blocks of the diagonal segment
     assert int(sel.block_count.max()) <= forced + 3
 
@@ -87,7 +89,7 @@ def test_permutation_lowers_density_on_scattered_heavy_keys():
     k = torch.randn(n, 1, d, generator=gen) * 0.1
     k[torch.arange(3, n, 16), 0] += direction * 0.6  # one heavy key every 16 tokens: in every block unless permuted
     v = torch.randn(n, 1, d, generator=gen)
-    cfg = PBSConfig(block_size=16, segment_size=128, threshold=0.8)
+    cfg = PBSConfig(block_size=16, segment_size=128, threshold=0.8, permute=True)
     permuted = pbs_select(q, k, v, cfg, d ** -0.5)
     plain = pbs_select(q, k, v, PBSConfig(block_size=16, segment_size=128, threshold=0.8, permute=False), d ** -0.5)
     density = [(s.kept.sum() / s.visible.sum()).item() for s in (permuted, plain)]
@@ -108,7 +110,7 @@ def test_cpu_engine_path_matches_specification(n, n_kv):
     """pbs_prefill on CPU (batched selection + torch attention) equals the loop-by-loop reference."""
     gen = torch.Generator().manual_seed(21)
     q, k, v = (torch.randn(s, h, 64, generator=gen) for s, h in ((n, 8), (n_kv, 2), (n_kv, 2)))
-    for cfg in (PBSConfig(block_size=16, segment_size=32, threshold=0.6),
+    for cfg in (PBSConfig(block_size=16, segment_size=32, threshold=0.6, permute=True),
                 PBSConfig(block_size=16, segment_size=32, budget=0.3, permute=False)):
         out, stats = pbs_prefill(q, k, v, cfg)
         ref, ref_stats = pbs_prefill_ref(q, k, v, cfg)
@@ -121,7 +123,7 @@ def test_cpu_engine_path_matches_specification(n, n_kv):
 def test_fused_choice_kernel_matches_torch(monkeypatch, name, n, n_kv):
     """The fused softmax/sort/cut/compaction kernel (interpreter) picks exactly the blocks the torch path does."""
     ps = importlib.import_module("pbs_engine.kernels.pbs_select")  # the package's `pbs_select` is the function
-    cfg = PBSConfig(threshold=1.0, **SMALL) if name == "all" else CONFIGS[name]
+    cfg = PBSConfig(threshold=1.0, **SMALL, permute=True) if name == "all" else CONFIGS[name]
     q, k, v = rand(n, 8, 64, seed=22), rand(n_kv, 2, 64, seed=23), rand(n_kv, 2, 64, seed=24)
     ref = pbs_select(q, k, v, cfg, 0.125)
     monkeypatch.setattr(ps, "use_triton", lambda _: True)
