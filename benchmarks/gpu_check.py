@@ -105,11 +105,12 @@ def tile_sweep(n: int, variants: list[tuple[int, int, int, int]]) -> None:
     default = fp.prefill_tiles
     for tiles in variants:
         fp.prefill_tiles = lambda *_: tiles
-        try:
-            t = ms(lambda: flash_prefill_triton(q, k, v, cu, cu))
-            print(f"{n} tiles {tiles}: {t:.2f} ms {flops / t / 1e9:.0f} TFLOP/s")
-        except Exception as e:  # out of shared memory etc.
-            print(f"{n} tiles {tiles}: failed {type(e).__name__}: {str(e)[:100]}")
+        for tma in (False, True):
+            try:
+                t = ms(lambda: flash_prefill_triton(q, k, v, cu, cu, tma=tma))
+                print(f"{n} tiles {tiles} tma={tma}: {t:.2f} ms {flops / t / 1e9:.0f} TFLOP/s")
+            except Exception as e:  # out of shared memory etc.
+                print(f"{n} tiles {tiles} tma={tma}: failed {type(e).__name__}: {str(e)[:100]}")
     fp.prefill_tiles = default
 
 
@@ -194,10 +195,9 @@ def main(argv: list[str]) -> int:
     if args.quick:
         return 0
     if "tiles" in parts:
-        variants = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                    (128, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 3)]
+        variants = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2)]
         tile_sweep(32768, variants)
-        tile_sweep(131072, variants[:6])
+        tile_sweep(131072, variants)
     if "pbs" in parts:
         pbs_timing(131072, [0.05, 0.1, 0.2])
     if "profile" in parts:

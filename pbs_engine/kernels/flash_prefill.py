@@ -32,15 +32,10 @@ def flash_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 
 @triton.jit
-def attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_k, q_pos, k_len, qk_scale, MASKED: tl.constexpr,
-                 CAUSAL: tl.constexpr):
-    """One online-softmax step of a query tile against the key tile at k_ptrs/v_ptrs (rows offs_k). MASKED:
-    hide keys past k_len (and, if CAUSAL, after each query's position q_pos); else the whole tile is visible.
-    Scores stay unscaled until the exponent (one multiply-add per score), and P @ V accumulates into acc."""
-    if MASKED:
-        k = tl.load(k_ptrs, mask=(offs_k < k_len)[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
+def online_step(acc, m_i, l_i, q, k, v, offs_k, q_pos, k_len, qk_scale, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """One online-softmax step of a query tile against a loaded key/value tile (rows offs_k). MASKED: hide keys
+    past k_len (and, if CAUSAL, after each query's position q_pos); else the whole tile is visible. Scores stay
+    unscaled until the exponent (one multiply-add per score), and P @ V accumulates into acc."""
     s = tl.dot(q, tl.trans(k))
     if MASKED:
         visible = offs_k[None, :] < k_len
@@ -54,12 +49,21 @@ def attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_k, q_pos, k_len, qk_scal
     p = tl.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED:
-        v = tl.load(v_ptrs, mask=(offs_k < k_len)[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
+
+
+@triton.jit
+def attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_k, q_pos, k_len, qk_scale, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr):
+    """`online_step` on the key/value tile at k_ptrs/v_ptrs; MASKED tiles load only rows below k_len."""
+    if MASKED:
+        k = tl.load(k_ptrs, mask=(offs_k < k_len)[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(offs_k < k_len)[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return online_step(acc, m_i, l_i, q, k, v, offs_k, q_pos, k_len, qk_scale, MASKED, CAUSAL)
 
 
 @triton.jit
@@ -110,29 +114,103 @@ def _flash_prefill_kernel(Q, K, V, O, cu_q, cu_k, sm_scale,
              mask=(offs_m < q_len)[:, None])
 
 
-def prefill_tiles(head_dim: int, device: torch.device, num_keys: int = 0, dtype_bytes: int = 2
+@triton.jit
+def _flash_prefill_tma_kernel(q_desc, k_desc, v_desc, O, cu_q, cu_k, sm_scale, s_ot, s_oh,
+                              GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # `_flash_prefill_kernel` with Q/K/V tiles fetched by the Hopper tensor-memory accelerator from 2-D
+    # descriptors over (tokens, heads x D). Rows past a sequence's end (the next sequence's, or zeros past the
+    # tensor) are loaded but hidden: queries by the store mask, keys by the MASKED tiles' k_len test.
+    h = tl.program_id(0)
+    b = tl.program_id(2)
+    q_start = tl.load(cu_q + b)
+    q_len = tl.load(cu_q + b + 1) - q_start
+    k_start = tl.load(cu_k + b)
+    k_len = tl.load(cu_k + b + 1) - k_start
+    m = tl.cdiv(q_len, BLOCK_M) - 1 - tl.program_id(1)
+    if m < 0:
+        return
+    kvh = h // GROUP
+    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = q_desc.load([q_start + m * BLOCK_M, h * HEAD_DIM])
+    q_pos = offs_m + (k_len - q_len)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    if CAUSAL:
+        hi = tl.minimum(k_len, (m + 1) * BLOCK_M + k_len - q_len)
+        full = (m * BLOCK_M + k_len - q_len) // BLOCK_N * BLOCK_N
+    else:
+        hi = k_len
+        full = k_len // BLOCK_N * BLOCK_N
+    for start in range(0, full, BLOCK_N):
+        k = k_desc.load([k_start + start, kvh * HEAD_DIM])
+        v = v_desc.load([k_start + start, kvh * HEAD_DIM])
+        acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, start + offs_n, q_pos, k_len, qk_scale,
+                                    MASKED=False, CAUSAL=CAUSAL)
+    for start in range(full, hi, BLOCK_N):
+        k = k_desc.load([k_start + start, kvh * HEAD_DIM])
+        v = v_desc.load([k_start + start, kvh * HEAD_DIM])
+        acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, start + offs_n, q_pos, k_len, qk_scale,
+                                    MASKED=True, CAUSAL=CAUSAL)
+    acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
+    tl.store(O + (q_start + offs_m)[:, None] * s_ot + h * s_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=(offs_m < q_len)[:, None])
+
+
+def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m: int, block_n: int):
+    """2-D (tokens, heads x D) TMA descriptors of q/k/v, or None where the layout cannot use them (the kernel
+    then reads through pointers). Hopper and newer in the engine; the interpreter runs them on CPU in tests."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    descs = []
+    for x, rows in ((q, block_m), (k, block_n), (v, block_n)):
+        if x.stride(2) != 1 or x.stride(1) != x.shape[2] or (x.stride(0) * x.element_size()) % 16 \
+                or x.data_ptr() % 16:
+            return None
+        descs.append(TensorDescriptor(x, [x.shape[0], x.shape[1] * x.shape[2]], [x.stride(0), 1],
+                                      [rows, x.shape[2]]))
+    return descs
+
+
+def prefill_tiles(head_dim: int, device: torch.device, num_keys: int = 0, dtype_bytes: int = 2, tma: bool = False
                   ) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the dense kernel. H100, d=128 (benchmarks/gpu_check.py):
-    128/64/8 with 3 stages 512 TFLOP/s at 32K, 4 stages 500 at 128K (491 with 3); 128/128/8/3 502 and 500."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the dense kernel. H100, 28/4 heads, d=128, TFLOP/s at 32K /
+    128K (benchmarks/gpu_check.py, cuDNN SDPA 612 / 564 in the same run): TMA 128/128/8/3 575 / 568, TMA
+    128/64/8/3 531 / 520; pointers 128/64/8/3 508 / 495, 128/128/8/3 511 / 497, 128/64/8/4 494 / 495."""
     if device.type != "cuda":
         return 16, 16, 4, 1
     if dtype_bytes > 2:  # float32 tiles take twice the shared memory
         return 64, 64, 4, 2
-    if head_dim <= 64:
+    if head_dim <= 64 or tma:
         return 128, 128, 8, 3
     return 128, 64, 8, 4 if num_keys >= 65536 else 3
 
 
 def flash_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, causal: bool = True, sm_scale: float | None = None,
-                         max_seqlen_q: int | None = None) -> torch.Tensor:
+                         max_seqlen_q: int | None = None, tma: bool | None = None) -> torch.Tensor:
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     out = torch.empty_like(q)
     batch = cu_seqlens_q.numel() - 1
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
-    block_m, block_n, warps, stages = prefill_tiles(q.shape[-1], q.device, k.shape[0], q.element_size())
+    if tma is None:
+        tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    block_m, block_n, warps, stages = prefill_tiles(q.shape[-1], q.device, k.shape[0], q.element_size(), tma)
     grid = (q.shape[1], triton.cdiv(max_seqlen_q, block_m), batch)
+    descs = _tma_descriptors(q, k, v, block_m, block_n) if tma else None
+    if descs is not None:
+        _flash_prefill_tma_kernel[grid](
+            *descs, out, cu_seqlens_q, cu_seqlens_k, scale, out.stride(0), out.stride(1),
+            GROUP=q.shape[1] // k.shape[1], CAUSAL=causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages)
+        return out
     _flash_prefill_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),

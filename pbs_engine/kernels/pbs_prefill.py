@@ -79,13 +79,15 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
 
 
 @triton.jit
-def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offset,
+def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offset, npad,
                           s_qt, s_qh, s_kh, s_kt, s_vh, s_vt, s_ph, s_ih, s_im, s_ch, s_ot, s_oh,
-                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                          TMA: tl.constexpr):
     # Program (query head h, query block m counted from the end so the longest lists start first): online softmax
     # over the CNT[h, m] key blocks listed in IDX[h, m] (ascending), each walked in BLOCK_N-row tiles of the
     # permuted K/V (Hkv, Npad, D) of KV head h // GROUP. Blocks before the diagonal segment are wholly visible; the
     # last DIAG[m] listed blocks are masked by original position: key j visible to query i iff POS[j] <= q_pos(i).
+    # TMA: K and V are 2-D descriptors over (Hkv x npad, D) and tiles come through the tensor-memory accelerator.
     h = tl.program_id(0)
     m = tl.num_programs(1) - 1 - tl.program_id(1)
     g = h // GROUP
@@ -101,22 +103,32 @@ def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offs
     count = tl.load(CNT + h * s_ch + m)
     n_full = count - tl.load(DIAG + m)
     SUB: tl.constexpr = BLOCK // BLOCK_N
-    k_tile = K + g * s_kh + offs_n[:, None] * s_kt + offs_d[None, :]
-    v_tile = V + g * s_vh + offs_n[:, None] * s_vt + offs_d[None, :]
+    if not TMA:
+        k_tile = K + g * s_kh + offs_n[:, None] * s_kt + offs_d[None, :]
+        v_tile = V + g * s_vh + offs_n[:, None] * s_vt + offs_d[None, :]
     for t in range(0, n_full * SUB):
         row0 = tl.load(IDX + h * s_ih + m * s_im + t // SUB).to(tl.int64) * BLOCK + (t % SUB) * BLOCK_N
-        k = tl.load(k_tile + row0 * s_kt)
+        if TMA:
+            k = K.load([(g * npad + row0).to(tl.int32), 0])
+            v = V.load([(g * npad + row0).to(tl.int32), 0])
+        else:
+            k = tl.load(k_tile + row0 * s_kt)
+            v = tl.load(v_tile + row0 * s_vt)
         s = tl.dot(q, tl.trans(k))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_tile + row0 * s_vt)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     for t in range(n_full * SUB, count * SUB):
         row0 = tl.load(IDX + h * s_ih + m * s_im + t // SUB).to(tl.int64) * BLOCK + (t % SUB) * BLOCK_N
-        k = tl.load(k_tile + row0 * s_kt)
+        if TMA:
+            k = K.load([(g * npad + row0).to(tl.int32), 0])
+            v = V.load([(g * npad + row0).to(tl.int32), 0])
+        else:
+            k = tl.load(k_tile + row0 * s_kt)
+            v = tl.load(v_tile + row0 * s_vt)
         pos = tl.load(POS + g * s_ph + row0 + offs_n)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
@@ -125,7 +137,6 @@ def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offs
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_tile + row0 * s_vt)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
@@ -141,21 +152,33 @@ def sparse_tiles(block_size: int, device: torch.device) -> tuple[int, int, int]:
     return min(block_size, 128), 8 if block_size >= 128 else 4, 3
 
 
-def pbs_attention_triton(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, scale: float) -> torch.Tensor:
-    """FlashAttention of q over the selected blocks of the permuted K/V in `sel`."""
+def pbs_attention_triton(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, scale: float,
+                         tma: bool | None = None) -> torch.Tensor:
+    """FlashAttention of q over the selected blocks of the permuted K/V in `sel`. tma: fetch K/V tiles through
+    TMA descriptors (None: on Hopper and newer)."""
     n, hq, d = q.shape
     out = torch.empty_like(q)
     keys, values = sel.keys, sel.values
     block_n, warps, stages = sparse_tiles(cfg.block_size, q.device)
     if q.element_size() > 2:  # float32 tiles: halve them to fit shared memory
         block_n, stages = min(block_n, 64), 1
+    if tma is None:
+        tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    hkv, npad = keys.shape[0], keys.shape[1]
+    k_arg, v_arg = keys, values
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_arg, v_arg = (TensorDescriptor(x, [hkv * npad, d], [d, 1], [block_n, d])
+                        for x in (keys.contiguous(), values.contiguous()))
     _pbs_attention_kernel[(hq, sel.block_count.shape[1])](
-        q, keys, values, sel.key_pos, sel.block_idx, sel.block_count, sel.diag_count, out, scale, n, sel.q_offset,
+        q, k_arg, v_arg, sel.key_pos, sel.block_idx, sel.block_count, sel.diag_count, out, scale, n, sel.q_offset,
+        npad,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         sel.key_pos.stride(0), sel.block_idx.stride(0), sel.block_idx.stride(1), sel.block_count.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=hq // keys.shape[0], HEAD_DIM=d, BLOCK=cfg.block_size, BLOCK_N=block_n, num_warps=warps,
-        num_stages=stages)
+        GROUP=hq // keys.shape[0], HEAD_DIM=d, BLOCK=cfg.block_size, BLOCK_N=block_n, TMA=tma,
+        num_warps=warps, num_stages=stages)
     return out
 
 

@@ -17,11 +17,12 @@ def cu(lens):
     return torch.tensor([0, *lens]).cumsum(0).int()
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])  # Hopper's descriptor kernel too
 @pytest.mark.parametrize("hq, hkv, d", SHAPES)
-def test_varlen_chunks_after_a_cached_prefix_match_reference(hq, hkv, d):
+def test_varlen_chunks_after_a_cached_prefix_match_reference(hq, hkv, d, tma):
     lens_q, lens_k = [37, 5, 50], [37, 21, 70]  # q_len < kv_len: the queries are each sequence's last positions
     q, k, v = rand(sum(lens_q), hq, d, seed=1), rand(sum(lens_k), hkv, d, seed=2), rand(sum(lens_k), hkv, d, seed=3)
-    out = flash_prefill_triton(q, k, v, cu(lens_q), cu(lens_k))
+    out = flash_prefill_triton(q, k, v, cu(lens_q), cu(lens_k), tma=tma)
     torch.testing.assert_close(out, flash_prefill_ref(q, k, v, cu(lens_q), cu(lens_k)), atol=1e-5, rtol=1e-5)
 
 
@@ -45,3 +46,12 @@ def test_reference_runs_in_bfloat16():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), flash_prefill_ref(q.float(), k.float(), v.float(), cu([20]), cu([20])),
                                atol=2e-2, rtol=2e-2)
+
+
+def test_tma_kernel_reads_q_k_v_sliced_from_a_fused_projection():
+    """q/k/v as strided views of one qkv buffer (as the model produces them) through the descriptor kernel."""
+    n, hq, hkv, d = 45, 4, 2, 32
+    qkv = rand(n, (hq + 2 * hkv) * d, seed=13)
+    q, k, v = (qkv[:, a * d:b * d].view(n, b - a, d) for a, b in ((0, hq), (hq, hq + hkv), (hq + hkv, hq + 2 * hkv)))
+    out = flash_prefill_triton(q, k, v, cu([n]), cu([n]), tma=True)
+    torch.testing.assert_close(out, flash_prefill_ref(q, k, v, cu([n]), cu([n])), atol=1e-5, rtol=1e-5)
