@@ -14,6 +14,7 @@ import triton.language as tl
 
 from pbs_engine.kernels.config import PBSConfig
 from pbs_engine.kernels.dispatch import use_triton
+from pbs_engine.kernels.flash_prefill import online_step
 from pbs_engine.kernels.pbs_select import PBSSelection, PBSStats, pbs_select, per_head_kv
 
 
@@ -114,13 +115,7 @@ def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offs
         else:
             k = tl.load(k_tile + row0 * s_kt)
             v = tl.load(v_tile + row0 * s_vt)
-        s = tl.dot(q, tl.trans(k))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, offs_n, q_pos, 0, qk_scale, MASKED=False, CAUSAL=True)
     for t in range(n_full * SUB, count * SUB):
         row0 = tl.load(IDX + h * s_ih + m * s_im + t // SUB).to(tl.int64) * BLOCK + (t % SUB) * BLOCK_N
         if TMA:
@@ -129,16 +124,9 @@ def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offs
         else:
             k = tl.load(k_tile + row0 * s_kt)
             v = tl.load(v_tile + row0 * s_vt)
-        pos = tl.load(POS + g * s_ph + row0 + offs_n)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: exponentiate against 0
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        pos = tl.load(POS + g * s_ph + row0 + offs_n)  # padding slots sit past every query: hidden as future keys
+        acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, pos, q_pos, 2147483647, qk_scale, MASKED=True,
+                                    CAUSAL=True)
     acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
     tl.store(O + offs_m[:, None] * s_ot + h * s_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=(offs_m < n_q)[:, None])
