@@ -64,3 +64,36 @@ def test_prompt_longer_than_max_model_len_is_rejected(smollm2_path):
     llm = LLM(str(smollm2_path), device="cpu", max_model_len=32)
     with pytest.raises(ValueError, match="max_model_len=32"):
         llm.generate("word " * 40, SamplingParams(max_tokens=4))
+
+
+def test_prefix_cache_reuses_shared_prompt_blocks(smollm2_path, real_text):
+    """Questions about one document: later requests take the document's cached blocks and answer exactly as
+    without the cache; afterwards every block is free again (cached blocks are reclaimable)."""
+    cached = LLM(str(smollm2_path), device="cpu", attention="dense", kv_block_size=16)
+    plain = LLM(str(smollm2_path), device="cpu", attention="dense", kv_block_size=16, enable_prefix_caching=False)
+    tok = cached.get_tokenizer()
+    doc = tok.encode(real_text)[:600]
+    questions = [doc + tok.encode(f" Question {i}: what does this code do?") for i in range(3)]
+    first = cached.generate({"prompt_token_ids": questions[0]}, GREEDY)[0]
+    rest = cached.generate([{"prompt_token_ids": q} for q in questions[1:]], GREEDY)
+    assert first.metrics.num_cached_tokens == 0
+    assert all(o.metrics.num_cached_tokens == 600 // 16 * 16 for o in rest)
+    expected = [plain.generate({"prompt_token_ids": q}, GREEDY)[0].token_ids for q in questions]
+    assert [o.token_ids for o in (first, *rest)] == expected
+    again = cached.generate({"prompt_token_ids": questions[0]}, GREEDY)[0]  # whole prompt cached but its last block
+    assert again.token_ids == expected[0] and again.metrics.num_cached_tokens > 600 // 16 * 16
+    stats = cached.stats()
+    assert stats["kv_free_blocks"] == stats["kv_total_blocks"] and stats["prefix_cache_hit_rate"] > 0.5
+
+
+def test_prefix_cache_evicts_under_pressure(smollm2_path):
+    """A cache too small to keep old prefixes: blocks are reclaimed, outputs stay exact."""
+    llm = LLM(str(smollm2_path), device="cpu", attention="dense", num_kv_blocks=12, kv_block_size=8,
+              max_model_len=96)
+    plain = LLM(str(smollm2_path), device="cpu", attention="dense", num_kv_blocks=12, kv_block_size=8,
+                max_model_len=96, enable_prefix_caching=False)
+    prompts = prompts_of_mixed_lengths(6)
+    for p in prompts + prompts[:2]:
+        assert llm.generate(p, GREEDY)[0].token_ids == plain.generate(p, GREEDY)[0].token_ids
+    stats = llm.stats()
+    assert stats["kv_free_blocks"] == stats["kv_total_blocks"]

@@ -112,7 +112,8 @@ def run_prefill(args: argparse.Namespace) -> int:
     hf = {} if args.no_hf else hf_prefill(path, load_format, [n for n in lengths if n <= args.hf_max_len],
                                           cfg["vocab_size"])
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=max(lengths) + 16,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=8)
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=8,
+              enable_prefix_caching=False)  # every repeat computes the whole prompt
     weights_gb = torch.cuda.memory_allocated() / 1e9
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     llm.generate({"prompt_token_ids": _random_ids(2048, cfg["vocab_size"], 1)}, params)  # compile kernels
@@ -159,7 +160,7 @@ def run_decode(args: argparse.Namespace) -> int:
     hf = {} if args.no_hf else hf_decode(path, load_format, [b for b in sizes if b <= args.hf_max_batch],
                                          args.context, args.tokens, cfg["vocab_size"])
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=args.context + args.tokens + 16,
-              max_num_seqs=max(sizes), attention="dense")
+              max_num_seqs=max(sizes), attention="dense", enable_prefix_caching=False)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
     llm.generate([{"prompt_token_ids": _random_ids(args.context, cfg["vocab_size"], 0)}] * 2, params)  # warm up
     rows = []

@@ -18,6 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--attention", choices=["pbs", "dense"], default="pbs", help="prefill attention (default: pbs)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse cached K/V of prompt blocks shared with earlier requests (default: on)")
     g.add_argument("--pbs-threshold", type=float, default=None, help="PBS block-selection mass threshold")
     g.add_argument("--pbs-block-size", type=int, default=None, help="PBS block size in tokens")
     g.add_argument("--pbs-segment-size", type=int, default=None, help="PBS permutation segment size in tokens")
@@ -51,7 +53,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                              ("dense_layers", args.pbs_dense_layers), ("permute", args.pbs_permute))
            if v is not None}
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
-                max_model_len=args.max_model_len, pbs=PBSConfig(**pbs))
+                max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),
+                enable_prefix_caching=args.enable_prefix_caching)
 
 
 def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
         for spec in args.variant:
             parse_variant(spec)  # a bad spec fails before the model loads
-        llm = LLM(**llm_kwargs(args))
+        # every method must compute every prompt itself: no K/V reused from another method's run
+        llm = LLM(**{**llm_kwargs(args), "enable_prefix_caching": False})
         run_eval(llm, args.lengths, tasks, args.thresholds, args.needle_lengths or args.lengths, args.depths,
                  args.needle_seeds, out, args.variant)
         print((out / "summary.md").read_text())

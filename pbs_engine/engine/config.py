@@ -26,6 +26,7 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int | None = None  # per-step token budget; None: 16384 on cuda, 4096 on cpu
     chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # reuse the cached K/V of full prompt blocks shared with earlier requests
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights from config.json (speed runs only)
     skip_tokenizer_init: bool = False  # True: prompts are token ids only, outputs carry no text

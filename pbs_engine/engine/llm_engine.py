@@ -38,7 +38,7 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(self.model_dir)
         self.runner = ModelRunner(config, str(self.model_dir), from_model)
         self.model_config = self.runner.model_config
-        self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size)
+        self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.chunked_prefill)
         self.seqs: dict[str, Sequence] = {}
@@ -179,5 +179,6 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": self.blocks.hits / self.blocks.queries if self.blocks.queries else 0.0,
             "max_model_len": self.config.max_model_len,
         }

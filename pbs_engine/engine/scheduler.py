@@ -50,6 +50,8 @@ class Scheduler:
         for seq in self.waiting:
             if len(self.running) + len(seqs) >= self.max_num_seqs or budget == 0:
                 break
+            if seq.num_computed_tokens == 0:
+                self.blocks.match_prefix(seq)  # cached prompt blocks count as computed
             pending = len(seq) - seq.num_computed_tokens
             n = min(pending, budget)
             if n < pending and not self.chunked_prefill and seqs:
@@ -93,6 +95,8 @@ class Scheduler:
         """Account the computed tokens and move sequences whose prompt is done to running."""
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed_tokens += n
+            if batch.is_prefill:
+                self.blocks.cache_full_blocks(seq)
             if batch.is_prefill and seq.num_computed_tokens == len(seq) and seq.status == SequenceStatus.WAITING:
                 self.waiting.remove(seq)
                 seq.status = SequenceStatus.RUNNING
