@@ -54,27 +54,37 @@ def online_step(acc, m_i, l_i, q, k, v, offs_k, q_pos, k_len, qk_scale, MASKED: 
 
 
 @triton.jit
-def attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_k, q_pos, k_len, qk_scale, MASKED: tl.constexpr,
-                 CAUSAL: tl.constexpr):
-    """`online_step` on the key/value tile at k_ptrs/v_ptrs; MASKED tiles load only rows below k_len."""
-    if MASKED:
-        k = tl.load(k_ptrs, mask=(offs_k < k_len)[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=(offs_k < k_len)[:, None], other=0.0)
+def kv_tile(K, V, k_start, start, kvh, offs_n, offs_d, k_len, s_kt, s_kh, s_vt, s_vh, HEAD_DIM: tl.constexpr,
+            MASKED: tl.constexpr, TMA: tl.constexpr):
+    """Rows [start, start + BLOCK_N) of a sequence's keys and values (KV head kvh): through TMA descriptors over
+    (tokens, heads x D), or through pointers, loading only rows below k_len when MASKED (a TMA tile may carry the
+    next sequence's rows there; the MASKED scores hide them)."""
+    if TMA:
+        k = K.load([k_start + start, kvh * HEAD_DIM])
+        v = V.load([k_start + start, kvh * HEAD_DIM])
     else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    return online_step(acc, m_i, l_i, q, k, v, offs_k, q_pos, k_len, qk_scale, MASKED, CAUSAL)
+        rows = (k_start + start + offs_n)[:, None]
+        if MASKED:
+            live = ((start + offs_n) < k_len)[:, None]
+            k = tl.load(K + rows * s_kt + kvh * s_kh + offs_d[None, :], mask=live, other=0.0)
+            v = tl.load(V + rows * s_vt + kvh * s_vh + offs_d[None, :], mask=live, other=0.0)
+        else:
+            k = tl.load(K + rows * s_kt + kvh * s_kh + offs_d[None, :])
+            v = tl.load(V + rows * s_vt + kvh * s_vh + offs_d[None, :])
+    return k, v
 
 
 @triton.jit
 def _flash_prefill_kernel(Q, K, V, O, cu_q, cu_k, sm_scale,
                           s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, s_ot, s_oh,
                           GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     # Program (query head h, query block m counted from the END so the longest causal rows start first, sequence
     # b): online softmax over the key tiles m may see, read from KV head h // GROUP. Rows of Q/K/V/O are
     # (token, head) slices with D contiguous. Tiles wholly before the diagonal run unmasked; the rest are masked by
-    # key length and causality (query i sits at position kv_len - q_len + i).
+    # key length and causality (query i sits at position kv_len - q_len + i). TMA: Q/K/V are 2-D descriptors over
+    # (tokens, heads x D) read by the Hopper tensor-memory accelerator; query rows past the sequence are loaded but
+    # not stored.
     h = tl.program_id(0)
     b = tl.program_id(2)
     q_start = tl.load(cu_q + b)
@@ -88,53 +98,11 @@ def _flash_prefill_kernel(Q, K, V, O, cu_q, cu_k, sm_scale,
     offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + (q_start + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :],
-                mask=(offs_m < q_len)[:, None], other=0.0)
-    q_pos = offs_m + (k_len - q_len)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    if CAUSAL:
-        hi = tl.minimum(k_len, (m + 1) * BLOCK_M + k_len - q_len)
-        full = (m * BLOCK_M + k_len - q_len) // BLOCK_N * BLOCK_N
+    if TMA:
+        q = Q.load([q_start + m * BLOCK_M, h * HEAD_DIM])
     else:
-        hi = k_len
-        full = k_len // BLOCK_N * BLOCK_N
-    k_ptrs = K + (k_start + offs_n)[:, None] * s_kt + kvh * s_kh + offs_d[None, :]
-    v_ptrs = V + (k_start + offs_n)[:, None] * s_vt + kvh * s_vh + offs_d[None, :]
-    for start in range(0, full, BLOCK_N):
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k_ptrs + start * s_kt, v_ptrs + start * s_vt, start + offs_n,
-                                     q_pos, k_len, qk_scale, MASKED=False, CAUSAL=CAUSAL)
-    for start in range(full, hi, BLOCK_N):
-        acc, m_i, l_i = attend_block(acc, m_i, l_i, q, k_ptrs + start * s_kt, v_ptrs + start * s_vt, start + offs_n,
-                                     q_pos, k_len, qk_scale, MASKED=True, CAUSAL=CAUSAL)
-    acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
-    tl.store(O + (q_start + offs_m)[:, None] * s_ot + h * s_oh + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=(offs_m < q_len)[:, None])
-
-
-@triton.jit
-def _flash_prefill_tma_kernel(q_desc, k_desc, v_desc, O, cu_q, cu_k, sm_scale, s_ot, s_oh,
-                              GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # `_flash_prefill_kernel` with Q/K/V tiles fetched by the Hopper tensor-memory accelerator from 2-D
-    # descriptors over (tokens, heads x D). Rows past a sequence's end (the next sequence's, or zeros past the
-    # tensor) are loaded but hidden: queries by the store mask, keys by the MASKED tiles' k_len test.
-    h = tl.program_id(0)
-    b = tl.program_id(2)
-    q_start = tl.load(cu_q + b)
-    q_len = tl.load(cu_q + b + 1) - q_start
-    k_start = tl.load(cu_k + b)
-    k_len = tl.load(cu_k + b + 1) - k_start
-    m = tl.cdiv(q_len, BLOCK_M) - 1 - tl.program_id(1)
-    if m < 0:
-        return
-    kvh = h // GROUP
-    offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = q_desc.load([q_start + m * BLOCK_M, h * HEAD_DIM])
+        q = tl.load(Q + (q_start + offs_m)[:, None] * s_qt + h * s_qh + offs_d[None, :],
+                    mask=(offs_m < q_len)[:, None], other=0.0)
     q_pos = offs_m + (k_len - q_len)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -147,13 +115,13 @@ def _flash_prefill_tma_kernel(q_desc, k_desc, v_desc, O, cu_q, cu_k, sm_scale, s
         hi = k_len
         full = k_len // BLOCK_N * BLOCK_N
     for start in range(0, full, BLOCK_N):
-        k = k_desc.load([k_start + start, kvh * HEAD_DIM])
-        v = v_desc.load([k_start + start, kvh * HEAD_DIM])
+        k, v = kv_tile(K, V, k_start, start, kvh, offs_n, offs_d, k_len, s_kt, s_kh, s_vt, s_vh, HEAD_DIM,
+                       MASKED=False, TMA=TMA)
         acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, start + offs_n, q_pos, k_len, qk_scale,
                                     MASKED=False, CAUSAL=CAUSAL)
     for start in range(full, hi, BLOCK_N):
-        k = k_desc.load([k_start + start, kvh * HEAD_DIM])
-        v = v_desc.load([k_start + start, kvh * HEAD_DIM])
+        k, v = kv_tile(K, V, k_start, start, kvh, offs_n, offs_d, k_len, s_kt, s_kh, s_vt, s_vh, HEAD_DIM,
+                       MASKED=True, TMA=TMA)
         acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, start + offs_n, q_pos, k_len, qk_scale,
                                     MASKED=True, CAUSAL=CAUSAL)
     acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]
@@ -205,17 +173,11 @@ def flash_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     block_m, block_n, warps, stages = prefill_tiles(q.shape[-1], q.device, k.shape[0], q.element_size(), tma)
     grid = (q.shape[1], triton.cdiv(max_seqlen_q, block_m), batch)
     descs = _tma_descriptors(q, k, v, block_m, block_n) if tma else None
-    if descs is not None:
-        _flash_prefill_tma_kernel[grid](
-            *descs, out, cu_seqlens_q, cu_seqlens_k, scale, out.stride(0), out.stride(1),
-            GROUP=q.shape[1] // k.shape[1], CAUSAL=causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages)
-        return out
     _flash_prefill_kernel[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale,
+        *(descs or (q, k, v)), out, cu_seqlens_q, cu_seqlens_k, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         GROUP=q.shape[1] // k.shape[1], CAUSAL=causal, HEAD_DIM=q.shape[-1], BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages)
+        TMA=descs is not None, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -80,6 +80,19 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
 
 
 @triton.jit
+def _block_tile(K, V, g, npad, row0, offs_n, offs_d, s_kh, s_kt, s_vh, s_vt, TMA: tl.constexpr):
+    """BLOCK_N rows of the permuted K/V of KV head g from row row0: TMA descriptors over (Hkv x npad, D), or
+    pointers into (Hkv, npad, D)."""
+    if TMA:
+        k = K.load([(g * npad + row0).to(tl.int32), 0])
+        v = V.load([(g * npad + row0).to(tl.int32), 0])
+    else:
+        k = tl.load(K + g * s_kh + (row0 + offs_n)[:, None] * s_kt + offs_d[None, :])
+        v = tl.load(V + g * s_vh + (row0 + offs_n)[:, None] * s_vt + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
 def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offset, npad,
                           s_qt, s_qh, s_kh, s_kt, s_vh, s_vt, s_ph, s_ih, s_im, s_ch, s_ot, s_oh,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -104,26 +117,13 @@ def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offs
     count = tl.load(CNT + h * s_ch + m)
     n_full = count - tl.load(DIAG + m)
     SUB: tl.constexpr = BLOCK // BLOCK_N
-    if not TMA:
-        k_tile = K + g * s_kh + offs_n[:, None] * s_kt + offs_d[None, :]
-        v_tile = V + g * s_vh + offs_n[:, None] * s_vt + offs_d[None, :]
     for t in range(0, n_full * SUB):
         row0 = tl.load(IDX + h * s_ih + m * s_im + t // SUB).to(tl.int64) * BLOCK + (t % SUB) * BLOCK_N
-        if TMA:
-            k = K.load([(g * npad + row0).to(tl.int32), 0])
-            v = V.load([(g * npad + row0).to(tl.int32), 0])
-        else:
-            k = tl.load(k_tile + row0 * s_kt)
-            v = tl.load(v_tile + row0 * s_vt)
+        k, v = _block_tile(K, V, g, npad, row0, offs_n, offs_d, s_kh, s_kt, s_vh, s_vt, TMA)
         acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, offs_n, q_pos, 0, qk_scale, MASKED=False, CAUSAL=True)
     for t in range(n_full * SUB, count * SUB):
         row0 = tl.load(IDX + h * s_ih + m * s_im + t // SUB).to(tl.int64) * BLOCK + (t % SUB) * BLOCK_N
-        if TMA:
-            k = K.load([(g * npad + row0).to(tl.int32), 0])
-            v = V.load([(g * npad + row0).to(tl.int32), 0])
-        else:
-            k = tl.load(k_tile + row0 * s_kt)
-            v = tl.load(v_tile + row0 * s_vt)
+        k, v = _block_tile(K, V, g, npad, row0, offs_n, offs_d, s_kh, s_kt, s_vh, s_vt, TMA)
         pos = tl.load(POS + g * s_ph + row0 + offs_n)  # padding slots sit past every query: hidden as future keys
         acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, pos, q_pos, 2147483647, qk_scale, MASKED=True,
                                     CAUSAL=True)
