@@ -81,15 +81,15 @@ def pbs_rows(lengths: list[int], budgets: list[float], captured: str | None) -> 
         configs = [(f"budget {b:.2f}", PBSConfig(budget=b)) for b in budgets]
         configs.append(("threshold 0.9", PBSConfig(threshold=0.9)))
         for label, cfg in configs:
-            for permute in (True, False):
-                c = replace(cfg, permute=permute)
+            for permute, shared in ((True, False), (False, False), (False, True)):
+                c = replace(cfg, permute=permute, shared_selection=shared)
                 sel = pbs_select(q, k, v, c, d ** -0.5)
                 density = (sel.kept.sum() / sel.visible.sum()).item()
                 total = _ms(lambda: pbs_prefill(q, k, v, c))
                 select = _ms(lambda: pbs_select(q, k, v, c, d ** -0.5))
                 attend = _ms(lambda: pbs_attention_triton(q, sel, c, d ** -0.5))
                 row = {"source": source, "tokens": n, "heads": f"{hq}/{hkv}", "config": label,
-                       "permute": permute, "density": density, "pbs_ms": total, "select_ms": select,
+                       "permute": permute, "shared": shared, "density": density, "pbs_ms": total, "select_ms": select,
                        "attend_ms": attend, "dense_ms": dense_ms, "pbs_over_dense": total / dense_ms,
                        "target": density + 0.05}
                 if permute and source == "random":
@@ -113,9 +113,9 @@ def _flex_sparse_ms(flex, BlockMask, q, k, v, sel, cfg) -> float:
     qt[0, :, :n] = q.transpose(0, 1)
     nqb = sel.block_count.shape[1]
     counts = torch.zeros(1, hq, npad // cfg.block_size, dtype=torch.int32, device="cuda")
-    counts[0, :, :nqb] = sel.block_count
+    counts[0, :, :nqb] = sel.block_count.repeat_interleave(sel.list_group, 0)
     idx = torch.zeros(1, hq, npad // cfg.block_size, npad // cfg.block_size, dtype=torch.int32, device="cuda")
-    idx[0, :, :nqb, : sel.block_idx.shape[2]] = sel.block_idx
+    idx[0, :, :nqb, : sel.block_idx.shape[2]] = sel.block_idx.repeat_interleave(sel.list_group, 0)
 
     def mask_mod(b, h, qi, ki):
         return pos[h, ki] <= qi + sel.q_offset

@@ -28,6 +28,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pbs-local-segments", type=int, default=None,
                    help="PBS: also always keep this many segments before the diagonal one (recent window)")
     g.add_argument("--pbs-dense-layers", type=int, default=None, help="PBS: the first N layers attend densely")
+    g.add_argument("--pbs-block-score", choices=["mean", "lse"], default=None,
+                   help="PBS block score: mean-pooled keys (mean) or the pooled query's attention mass per block "
+                        "(lse); docs/eval.md")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -50,7 +53,8 @@ def sampling_params(args: argparse.Namespace):
 def llm_kwargs(args: argparse.Namespace) -> dict:
     pbs = {k: v for k, v in (("threshold", args.pbs_threshold), ("block_size", args.pbs_block_size),
                              ("segment_size", args.pbs_segment_size), ("local_segments", args.pbs_local_segments),
-                             ("dense_layers", args.pbs_dense_layers), ("permute", args.pbs_permute))
+                             ("dense_layers", args.pbs_dense_layers), ("permute", args.pbs_permute),
+                             ("block_score", args.pbs_block_score))
            if v is not None}
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                 max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+BLOCK_SCORES = ("mean", "lse")
+
 
 @dataclass(frozen=True)
 class PBSConfig:
@@ -15,11 +17,17 @@ class PBSConfig:
     # 0.24, docs/eval.md): with GQA one permutation serves 7 query heads and breaks the blocks' local coherence
     shared_permutation: bool = True  # with GQA, one permutation per KV head from its query heads' pooled attention;
     # False: one per query head over repeated K/V (the paper's code; group x the K/V copies while selecting)
+    shared_selection: bool = False  # with GQA, one list of key blocks per KV head, chosen by its query heads' mean
+    # block mass: the group's heads attend to the same blocks, so each K/V tile is fetched once for the group
+    # (through L2) instead of once per head (as DeepSeek's NSA does). Per-query-head permutations select per head.
     budget: float | None = None  # fixed density: keep this fraction of the visible key blocks (forced ones count)
     min_blocks: int | None = None  # budget mode: at least / at most this many selected (non-forced) key blocks
     max_blocks: int | None = None  # per query block, whatever the threshold or budget asks for
     local_segments: int = 0  # also always keep this many whole segments just before the diagonal one (a recent window)
     dense_layers: int = 0  # the first layers attend densely (the engine's attention layers read this)
+    block_score: str = "mean"  # how a (query block, key block) pair is scored: "mean" = mean-pooled query against
+    # mean-pooled keys (the paper's MeanPooling); "lse" = log-sum-exp over the block's keys of the mean-pooled
+    # query's scores, i.e. the exact share of that query's attention falling in the block (one key can carry it)
 
     def __post_init__(self) -> None:
         checks = [
@@ -34,6 +42,7 @@ class PBSConfig:
              "must be >= min_blocks"),
             (self.local_segments >= 0, "local_segments", "must be >= 0"),
             (self.dense_layers >= 0, "dense_layers", "must be >= 0"),
+            (self.block_score in BLOCK_SCORES, "block_score", f"must be one of {', '.join(BLOCK_SCORES)}"),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -21,8 +21,8 @@ from pbs_engine.kernels.pbs_select import PBSSelection, PBSStats, pbs_select, pe
 def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
                     sm_scale: float | None = None) -> tuple[torch.Tensor, PBSStats]:
     """The specification, one KV head and one query block at a time, in float32: permute each segment's keys by
-    the last query block's attention, pick blocks by pooled scores (softmaxed outside the diagonal segment), attend
-    densely under the block mask."""
+    the last query block's attention, pick blocks by pooled scores (`block_score`; softmaxed outside the diagonal
+    segment), attend densely under the block mask."""
     cfg, (n, hq, d), (n_kv, hkv, _) = config, q.shape, k.shape
     scale = sm_scale if sm_scale is not None else d ** -0.5
     k, v = per_head_kv(q, k, v, cfg)
@@ -43,22 +43,32 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
                 order[s0:s0 + seg] = s0 + importance[s0:s0 + seg].argsort(descending=True, stable=True)
         kp, vp = kg[order], vg[order]
         k_means = torch.stack([kp[j * bs:(j + 1) * bs].mean(0) for j in range(nkb)])
-        for hg in range(group):
-            h = g * group + hg
-            allowed = torch.zeros(n, n_kv, dtype=torch.bool)
-            for m in range(nqb):
-                rows = slice(m * bs, min(n, (m + 1) * bs))
-                first, last_q = q_pos[rows][0].item(), q_pos[rows][-1].item()
-                earliest = [(j * bs // seg * seg if cfg.permute else j * bs) for j in range(nkb)]
-                vis = [j for j in range(nkb) if earliest[j] <= last_q]
-                diag_start = first // seg * seg
-                off_diag = [j for j in vis if j * bs // seg * seg < diag_start]
-                window = diag_start - cfg.local_segments * seg
-                forced = [j for j in vis if j == 0 or j * bs // seg * seg >= window]
+        allowed = torch.zeros(group, n, n_kv, dtype=torch.bool)
+        for m in range(nqb):
+            rows = slice(m * bs, min(n, (m + 1) * bs))
+            first, last_q = q_pos[rows][0].item(), q_pos[rows][-1].item()
+            earliest = [(j * bs // seg * seg if cfg.permute else j * bs) for j in range(nkb)]
+            vis = [j for j in range(nkb) if earliest[j] <= last_q]
+            diag_start = first // seg * seg
+            off_diag = [j for j in vis if j * bs // seg * seg < diag_start]
+            window = diag_start - cfg.local_segments * seg
+            forced = [j for j in vis if j == 0 or j * bs // seg * seg >= window]
+            masses = []
+            for hg in range(group):
                 mass = dict.fromkeys(vis, 0.0)
                 if off_diag:  # the diagonal segment takes no part in the softmax
-                    p = (qg[rows, hg].mean(0) @ k_means[off_diag].T * scale).softmax(-1)
+                    qmean = qg[rows, hg].mean(0)
+                    if cfg.block_score == "lse":  # the mean query's attention mass per block
+                        blocks = [(qmean @ kp[j * bs:(j + 1) * bs].T * scale).logsumexp(0) for j in off_diag]
+                        p = torch.stack(blocks).softmax(-1)
+                    else:
+                        p = (qmean @ k_means[off_diag].T * scale).softmax(-1)
                     mass.update(zip(off_diag, p.tolist()))
+                masses.append(mass)
+            if cfg.shared_selection and group > 1:  # one choice for the group, by its heads' mean mass
+                mean_mass = {j: sum(mass[j] for mass in masses) / group for j in vis}
+                masses = [mean_mass] * group
+            for hg, mass in enumerate(masses):
                 cands = sorted((j for j in vis if j not in forced), key=lambda j: -mass[j])
                 if cfg.budget is not None:
                     n_sel = math.ceil(cfg.budget * len(vis) - 1e-6) - len(forced)
@@ -71,11 +81,12 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
                 n_sel = max(int(n_sel), cfg.min_blocks or 0)
                 n_sel = min(n_sel, len(cands), cfg.max_blocks if cfg.max_blocks is not None else n_sel)
                 for j in forced + cands[:n_sel]:
-                    allowed[rows, order[j * bs:(j + 1) * bs]] = True
-                kept[h] += len(forced) + n_sel
-                visible_pairs += len(vis) if h == 0 else 0
-            scores = (qg[:, hg] @ kg.T * scale).masked_fill(~(allowed & causal), float("-inf"))
-            out[:, h] = (scores.softmax(-1) @ vg).to(q.dtype)
+                    allowed[hg, rows, order[j * bs:(j + 1) * bs]] = True
+                kept[g * group + hg] += len(forced) + n_sel
+            visible_pairs += len(vis) if g == 0 else 0
+        for hg in range(group):
+            scores = (qg[:, hg] @ kg.T * scale).masked_fill(~(allowed[hg] & causal), float("-inf"))
+            out[:, g * group + hg] = (scores.softmax(-1) @ vg).to(q.dtype)
     return out, PBSStats(kept=kept, visible=torch.full((hq,), visible_pairs))
 
 
@@ -96,7 +107,7 @@ def _block_tile(K, V, g, npad, row0, offs_n, offs_d, s_kh, s_kt, s_vh, s_vt, TMA
 def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offset, npad,
                           s_qt, s_qh, s_kh, s_kt, s_vh, s_vt, s_ph, s_ih, s_im, s_ch, s_ot, s_oh,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                          TMA: tl.constexpr):
+                          TMA: tl.constexpr, PREFETCH: tl.constexpr, LIST_GROUP: tl.constexpr):
     # Program (query head h, query block m counted from the end so the longest lists start first): online softmax
     # over the CNT[h, m] key blocks listed in IDX[h, m] (ascending), each walked in BLOCK_N-row tiles of the
     # permuted K/V (Hkv, Npad, D) of KV head h // GROUP. Blocks before the diagonal segment are wholly visible; the
@@ -114,15 +125,27 @@ def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offs
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    count = tl.load(CNT + h * s_ch + m)
+    count = tl.load(CNT + h // LIST_GROUP * s_ch + m)
     n_full = count - tl.load(DIAG + m)
     SUB: tl.constexpr = BLOCK // BLOCK_N
+    listed = IDX + h // LIST_GROUP * s_ih + m * s_im
+    cur = tl.load(listed).to(tl.int64)  # PREFETCH: the block of tile t is loaded while tile t - 1 is processed
     for t in range(0, n_full * SUB):
-        row0 = tl.load(IDX + h * s_ih + m * s_im + t // SUB).to(tl.int64) * BLOCK + (t % SUB) * BLOCK_N
+        if PREFETCH:
+            blk = cur
+            cur = tl.load(listed + tl.minimum((t + 1) // SUB, count - 1)).to(tl.int64)
+        else:
+            blk = tl.load(listed + t // SUB).to(tl.int64)
+        row0 = blk * BLOCK + (t % SUB) * BLOCK_N
         k, v = _block_tile(K, V, g, npad, row0, offs_n, offs_d, s_kh, s_kt, s_vh, s_vt, TMA)
         acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, offs_n, q_pos, 0, qk_scale, MASKED=False, CAUSAL=True)
     for t in range(n_full * SUB, count * SUB):
-        row0 = tl.load(IDX + h * s_ih + m * s_im + t // SUB).to(tl.int64) * BLOCK + (t % SUB) * BLOCK_N
+        if PREFETCH:
+            blk = cur
+            cur = tl.load(listed + tl.minimum((t + 1) // SUB, count - 1)).to(tl.int64)
+        else:
+            blk = tl.load(listed + t // SUB).to(tl.int64)
+        row0 = blk * BLOCK + (t % SUB) * BLOCK_N
         k, v = _block_tile(K, V, g, npad, row0, offs_n, offs_d, s_kh, s_kt, s_vh, s_vt, TMA)
         pos = tl.load(POS + g * s_ph + row0 + offs_n)  # padding slots sit past every query: hidden as future keys
         acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, pos, q_pos, 2147483647, qk_scale, MASKED=True,
@@ -141,9 +164,9 @@ def sparse_tiles(block_size: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def pbs_attention_triton(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, scale: float,
-                         tma: bool | None = None) -> torch.Tensor:
+                         tma: bool | None = None, prefetch: bool = True) -> torch.Tensor:
     """FlashAttention of q over the selected blocks of the permuted K/V in `sel`. tma: fetch K/V tiles through
-    TMA descriptors (None: on Hopper and newer)."""
+    TMA descriptors (None: on Hopper and newer); prefetch: read each tile's block index one tile ahead."""
     n, hq, d = q.shape
     out = torch.empty_like(q)
     keys, values = sel.keys, sel.values
@@ -166,7 +189,7 @@ def pbs_attention_triton(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, sca
         sel.key_pos.stride(0), sel.block_idx.stride(0), sel.block_idx.stride(1), sel.block_count.stride(0),
         out.stride(0), out.stride(1),
         GROUP=hq // keys.shape[0], HEAD_DIM=d, BLOCK=cfg.block_size, BLOCK_N=block_n, TMA=tma,
-        num_warps=warps, num_stages=stages)
+        PREFETCH=prefetch, LIST_GROUP=sel.list_group, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -183,9 +206,10 @@ def pbs_attention_torch(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, scal
     n, hq, d = q.shape
     hkv, npad, _ = sel.keys.shape
     group, bs = hq // hkv, cfg.block_size
-    listed = torch.arange(sel.block_idx.shape[2], device=q.device) < sel.block_count[..., None]
-    keep = torch.zeros(hq, sel.block_count.shape[1], npad // bs + 1, dtype=torch.bool, device=q.device)
-    keep.scatter_(2, torch.where(listed, sel.block_idx.long(), npad // bs), True)  # unlisted -> a spare column
+    idx, count = (x.repeat_interleave(sel.list_group, 0) for x in (sel.block_idx, sel.block_count))
+    listed = torch.arange(idx.shape[2], device=q.device) < count[..., None]
+    keep = torch.zeros(hq, count.shape[1], npad // bs + 1, dtype=torch.bool, device=q.device)
+    keep.scatter_(2, torch.where(listed, idx.long(), npad // bs), True)  # unlisted -> a spare column
     keep = keep[..., :-1].repeat_interleave(bs, 1)[:, :n].repeat_interleave(bs, 2)  # (Hq, N, Npad)
     q_pos = torch.arange(n, device=q.device) + sel.q_offset
     out = torch.empty_like(q)

@@ -3,15 +3,18 @@
 1. Importance of each key: attention mass from the last query block (softmax, mean over those queries and over the
    query heads of its KV group, so one permutation serves one KV head).
 2. Permutation: inside each segment, keys sorted by importance, so the keys that matter cluster into few blocks.
-3. Block scores: mean-pooled query blocks against mean-pooled (permuted) key blocks, softmaxed over the visible
+3. Block scores: mean-pooled query blocks against mean-pooled (permuted) key blocks (`block_score="mean"`), or
+   the log-sum-exp over each key block's keys of the mean-pooled query's scores (`"lse"`: the share of that
+   query's attention in the block, which a single heavy key can carry), softmaxed over the visible
    blocks outside the diagonal segment (as the paper does: the diagonal segment is kept whatever its score). Per
    query block keep the first key block, every block of its diagonal segment(s) and of the `local_segments`
    segments before them, then the fewest other blocks whose mass, added to the kept blocks' mass, reaches the
    threshold (or a fixed fraction of the visible blocks in budget mode), clamped to [min_blocks, max_blocks].
-4. The kept blocks become a compact list per (query head, query block), ascending, padded to the longest list;
+4. The kept blocks become a compact list per (query head, query block), ascending, padded to the longest list
+   (with `shared_selection`, one list per (KV head, query block) from the mean of its query heads' probabilities);
    the diagonal-segment blocks, which need the causal mask, are the last `diag_count` entries of each list.
 
-Steps 1 and 3-4 have Triton kernels on CUDA (importance.py; `_choose_kernel` below fuses the softmax, the sort,
+Steps 1 and 3-4 have Triton kernels on CUDA (importance.py; `_block_lse_kernel` and `_choose_kernel` below fuses the softmax, the sort,
 the threshold or budget cut and the compaction, one program per (query head, query block)); the torch code is the
 CPU path and the kernels' reference.
 """
@@ -34,11 +37,13 @@ class PBSSelection:
     values: torch.Tensor  # (Hkv, Npad, D) permuted values
     key_pos: torch.Tensor  # (Hkv, Npad) int32 original position of each permuted key (>= N_kv: padding)
     q_offset: int  # position of query 0 (= N_kv - N); padding keys lie past every query, so causality hides them
-    block_idx: torch.Tensor  # (Hq, num_q_blocks, width >= longest list) int32 kept key blocks, ascending
-    block_count: torch.Tensor  # (Hq, num_q_blocks) int32 how many entries of block_idx are real
+    block_idx: torch.Tensor  # (Hl, num_q_blocks, width >= longest list) int32 kept key blocks, ascending; Hl list
+    # heads: Hq, or Hkv with shared_selection (query head h reads list h // list_group)
+    block_count: torch.Tensor  # (Hl, num_q_blocks) int32 how many entries of block_idx are real
     diag_count: torch.Tensor  # (num_q_blocks,) int32 how many of them (the last ones) lie in the diagonal segment
     kept: torch.Tensor  # (Hq,) kept (query block, key block) pairs per head
     visible: torch.Tensor  # (Hq,) causally visible pairs per head
+    list_group: int = 1  # query heads per block list
 
 
 @dataclass
@@ -124,6 +129,73 @@ def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx[..., :max_kept], counts
 
 
+def block_lse_torch(qm: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, n_kv: int, prefix: int,
+                    cfg: PBSConfig, scale: float) -> torch.Tensor:
+    """The "lse" block score: qm (Hkv, group, nqb, D) float32 query-block means, keys (Hkv, Npad, D) permuted ->
+    (Hq, nqb, nkb) log-sum-exp over each key block's real keys of qm . k * scale (padding keys excluded), so the
+    softmax over blocks is exactly the mean query's attention mass per block. Query-block chunks bound the
+    (group x chunk x Npad) score buffer."""
+    hkv, group, nqb, d = qm.shape
+    npad = keys.shape[1]
+    bs = cfg.block_size
+    out = torch.empty(hkv, group, nqb, npad // bs, dtype=torch.float32, device=qm.device)
+    chunk = max(1, (1 << 24) // (group * npad))
+    for g in range(hkv):
+        kg = keys[g].float()
+        pad = key_pos[g] >= n_kv
+        for m0 in range(0, nqb, chunk):
+            s = torch.einsum("gmd,kd->gmk", qm[g, :, m0:m0 + chunk], kg) * scale
+            s.masked_fill_(pad, float("-inf"))
+            out[g, :, m0:m0 + chunk] = s.view(group, s.shape[1], -1, bs).logsumexp(-1)
+    return out.view(hkv * group, nqb, -1)
+
+
+@triton.jit
+def _block_lse_kernel(QM, K, POS, S, n_rows, n_kv, prefix, qk_scale, s_qh, s_qr, s_kh, s_kt, s_ph, s_sh, s_sm,
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr, SEG: tl.constexpr,
+                      PERMUTE: tl.constexpr, BLOCK_R: tl.constexpr):
+    # Program (KV head g, key block j): the key block stays in registers while the query-block means that can see
+    # it stream past, BLOCK_R rows at a time; row r of KV head g is query block r // GROUP of query head
+    # g * GROUP + r % GROUP. Scores in log2 units; the log-sum-exp is stored in natural units.
+    g = tl.program_id(0)
+    j = tl.program_id(1)
+    offs_k = j * BS + tl.arange(0, BS)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + g * s_kh + offs_k[:, None] * s_kt + offs_d[None, :])
+    live = tl.load(POS + g * s_ph + offs_k) < n_kv
+    if PERMUTE:
+        earliest = j * BS // SEG * SEG
+    else:
+        earliest = j * BS
+    first_row = tl.maximum(earliest - prefix, 0) // BS * GROUP  # earlier query blocks cannot see block j
+    for r0 in range(first_row, n_rows, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        qm = tl.load(QM + g * s_qh + rows[:, None] * s_qr + offs_d[None, :], mask=(rows < n_rows)[:, None],
+                     other=0.0)
+        s = tl.where(live[None, :], tl.dot(qm.to(k.dtype), tl.trans(k)) * qk_scale, float("-inf"))
+        top = tl.max(s, 1)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        lse = (top + tl.log2(tl.sum(tl.exp2(s - top[:, None]), 1))) * 0.6931471805599453
+        tl.store(S + (g * GROUP + rows % GROUP) * s_sh + (rows // GROUP) * s_sm + j, lse, mask=rows < n_rows)
+
+
+def block_lse_triton(qm: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, n_kv: int, prefix: int,
+                     cfg: PBSConfig, scale: float) -> torch.Tensor:
+    """`block_lse_torch` in one Triton kernel; blocks a query block cannot see stay -inf."""
+    hkv, group, nqb, d = qm.shape
+    npad = keys.shape[1]
+    nkb = npad // cfg.block_size
+    rows = qm.permute(0, 2, 1, 3).reshape(hkv, nqb * group, d)  # query-block major: causal skipping is a prefix
+    out = torch.full((hkv * group, nqb, nkb), float("-inf"), dtype=torch.float32, device=qm.device)
+    on_gpu = qm.device.type == "cuda"
+    _block_lse_kernel[(hkv, nkb)](
+        rows, keys, key_pos, out, nqb * group, n_kv, prefix, scale * 1.4426950408889634,
+        rows.stride(0), rows.stride(1), keys.stride(0), keys.stride(1), key_pos.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=d, BS=cfg.block_size, SEG=cfg.segment_size, PERMUTE=cfg.permute,
+        BLOCK_R=64 if on_gpu else 16, num_warps=4 if on_gpu else 1, num_stages=2 if on_gpu else 1)
+    return out
+
+
 MAX_FUSED_BLOCKS = 4096  # longer rows (over 512K keys at block 128) take the torch path
 
 
@@ -131,14 +203,14 @@ MAX_FUSED_BLOCKS = 4096  # longer rows (over 512K keys at block 128) take the to
 def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, threshold, min_sel, max_sel,
                    s_sh, s_sm, s_ih, s_im, s_ch,
                    BS: tl.constexpr, SEG: tl.constexpr, LOCAL: tl.constexpr, PERMUTE: tl.constexpr,
-                   MODE: tl.constexpr, NKB: tl.constexpr):
-    # Program (query head h, query block m): the same decision as `_choose` + `_compact` for one row of block
-    # scores. MODE 0: threshold; 1: budget (NSEL[m] selected blocks, precomputed); 2: every candidate.
+                   MODE: tl.constexpr, NKB: tl.constexpr, GROUP: tl.constexpr):
+    # Program (list head h, query block m): the same decision as `_choose` + `_compact` for one row of block
+    # probabilities: the softmax of one query head's scores, or the mean of the GROUP query heads' softmaxes
+    # (shared selection). MODE 0: threshold; 1: budget (NSEL[m] selected blocks, precomputed); 2: every candidate.
     h = tl.program_id(0)
     m = tl.program_id(1)
     j = tl.arange(0, NKB)
     real = j < nkb
-    s = tl.load(S + h * s_sh + m * s_sm + j, mask=real, other=float("-inf"))
     q_first = prefix + m * BS
     q_last = prefix + tl.minimum((m + 1) * BS, n_q) - 1
     block_seg = j * BS // SEG * SEG
@@ -151,11 +223,15 @@ def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, threshold, min_sel, max_
     diag = visible & (block_seg >= diag_start)
     forced = visible & ((block_seg >= diag_start - LOCAL * SEG) | (j == 0))
     soft = visible & (diag == 0)
-    logits = tl.where(soft, s, float("-inf"))
-    top = tl.max(logits, 0)
-    e = tl.where(soft, tl.exp(logits - tl.where(top == float("-inf"), 0.0, top)), 0.0)
-    total = tl.sum(e, 0)
-    probs = e / tl.where(total == 0, 1.0, total)
+    probs = tl.zeros([NKB], dtype=tl.float32)
+    for gh in range(GROUP):
+        s = tl.load(S + (h * GROUP + gh) * s_sh + m * s_sm + j, mask=real, other=float("-inf"))
+        logits = tl.where(soft, s, float("-inf"))
+        top = tl.max(logits, 0)
+        e = tl.where(soft, tl.exp(logits - tl.where(top == float("-inf"), 0.0, top)), 0.0)
+        total = tl.sum(e, 0)
+        probs += e / tl.where(total == 0, 1.0, total)
+    probs = probs / GROUP
     candidate = visible & (forced == 0)
     n_cand = tl.sum(candidate.to(tl.int32), 0)
     cand_p = tl.where(candidate, probs, -1.0)
@@ -177,14 +253,15 @@ def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, threshold, min_sel, max_
 
 
 def choose_triton(scores: torch.Tensor, forced: torch.Tensor, visible: torch.Tensor, cfg: PBSConfig, n_q: int,
-                  prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (Hq, nqb, nkb) scaled block scores -> (kept block indices (Hq, nqb, nkb), counts (Hq, nqb)); the
+                  prefix: int, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (Hq, nqb, nkb) scaled block scores -> (kept block indices (Hq / group, nqb, nkb), counts
+    (Hq / group, nqb)), one list per `group` consecutive query heads (their mean block probabilities); the
     geometry (visible, diagonal, forced blocks) is recomputed in the kernel, `forced`/`visible` only size the
     budget."""
     hq, nqb, nkb = scores.shape
     scores = scores.contiguous()
-    idx = torch.zeros(hq, nqb, nkb, dtype=torch.int32, device=scores.device)
-    counts = torch.empty(hq, nqb, dtype=torch.int32, device=scores.device)
+    idx = torch.zeros(hq // group, nqb, nkb, dtype=torch.int32, device=scores.device)
+    counts = torch.empty(hq // group, nqb, dtype=torch.int32, device=scores.device)
     if cfg.budget is not None:
         mode = 1
         n_sel = (torch.ceil(cfg.budget * visible.sum(-1).double() - 1e-6).long() - forced.sum(-1)).to(torch.int32)
@@ -192,12 +269,12 @@ def choose_triton(scores: torch.Tensor, forced: torch.Tensor, visible: torch.Ten
         mode, n_sel = (2 if cfg.threshold >= 1.0 else 0), counts  # NSEL unused
     on_gpu = scores.device.type == "cuda"
     width = triton.next_power_of_2(nkb)
-    _choose_kernel[(hq, nqb)](
+    _choose_kernel[(hq // group, nqb)](
         scores, n_sel, idx, counts, n_q, prefix, nkb, cfg.threshold, cfg.min_blocks or 0,
         cfg.max_blocks if cfg.max_blocks is not None else nkb,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         BS=cfg.block_size, SEG=cfg.segment_size, LOCAL=cfg.local_segments, PERMUTE=cfg.permute, MODE=mode,
-        NKB=width, num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
+        NKB=width, GROUP=group, num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
     return idx, counts
 
 
@@ -212,13 +289,18 @@ def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
     nkb, nqb = -(-n_kv // bs), -(-n // bs)
     npad = nkb * bs
     perm = _permutation(q, k, cfg, scale, npad)
+    key_pos = perm.to(torch.int32).contiguous()
     gather = perm.clamp(max=n_kv - 1)[..., None].expand(hkv, npad, d)
     keys = k.transpose(0, 1).gather(1, gather)
     values = v.transpose(0, 1).gather(1, gather)
 
     qm = _block_means(q.transpose(0, 1), n, bs).view(hkv, group, nqb, d)
-    km = _block_means(keys, n_kv, bs)  # the real keys fill slots [0, N_kv): padding sorts last in its segment
-    scores = torch.einsum("hgmd,hjd->hgmj", qm, km).reshape(hq, nqb, nkb) * scale
+    if cfg.block_score == "lse":
+        lse = block_lse_triton if use_triton(q) else block_lse_torch
+        scores = lse(qm, keys, key_pos, n_kv, prefix, cfg, scale)
+    else:
+        km = _block_means(keys, n_kv, bs)  # the real keys fill slots [0, N_kv): padding sorts last in its segment
+        scores = torch.einsum("hgmd,hjd->hgmj", qm, km).reshape(hq, nqb, nkb) * scale
 
     # a key block is visible when its earliest possible key (its segment's start if permuted) is <= the block's
     # last query; the diagonal segment(s) start at the segment of the block's first query
@@ -233,12 +315,14 @@ def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
     diag = visible & (block_seg[None, :] >= diag_start[:, None])
     local = visible & (block_seg[None, :] >= (diag_start - cfg.local_segments * seg)[:, None])
     forced = local | (visible & (j == 0)[None, :])
+    shared = group if cfg.shared_selection else 1  # query heads per list
     if use_triton(q) and triton.next_power_of_2(nkb) <= MAX_FUSED_BLOCKS:
-        idx, counts = choose_triton(scores, forced, visible, cfg, n, prefix)  # lists padded to nkb: no host sync
+        idx, counts = choose_triton(scores, forced, visible, cfg, n, prefix, shared)  # padded to nkb: no host sync
     else:
         probs = scores.masked_fill(~(visible & ~diag), float("-inf")).softmax(-1).nan_to_num_(0.0)
+        probs = probs.view(hq // shared, shared, nqb, nkb).mean(1)
         idx, counts = _compact(_choose(probs, visible, forced, cfg))
-    return PBSSelection(keys=keys, values=values, key_pos=perm.to(torch.int32).contiguous(), q_offset=prefix,
+    return PBSSelection(keys=keys, values=values, key_pos=key_pos, q_offset=prefix,
                         block_idx=idx, block_count=counts.to(torch.int32),
-                        diag_count=diag.sum(-1).to(torch.int32), kept=counts.sum(-1),
-                        visible=visible.sum().expand(hq))
+                        diag_count=diag.sum(-1).to(torch.int32), kept=counts.sum(-1).repeat_interleave(shared),
+                        visible=visible.sum().expand(hq), list_group=shared)

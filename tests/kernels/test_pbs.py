@@ -30,6 +30,10 @@ CONFIGS = {
                                 permute=True),
     "local-window": PBSConfig(threshold=0.5, local_segments=1, **SMALL, permute=True),
     "per-head-permutation": PBSConfig(threshold=0.6, shared_permutation=False, **SMALL, permute=True),
+    "lse": PBSConfig(threshold=0.6, block_score="lse", **SMALL),
+    "lse-permute": PBSConfig(threshold=0.6, block_score="lse", **SMALL, permute=True),
+    "shared-selection": PBSConfig(threshold=0.6, shared_selection=True, block_score="lse", **SMALL),
+    "shared-budget": PBSConfig(budget=0.3, shared_selection=True, **SMALL, permute=True),
 }
 
 
@@ -96,9 +100,33 @@ def test_permutation_lowers_density_on_scattered_heavy_keys():
     assert density[0] < density[1] * 0.85, density
 
 
+def test_lse_score_keeps_the_block_of_a_single_heavy_key():
+    """One key that the queries attend to strongly, among 15 ordinary keys of its block, against five blocks of
+    mildly relevant keys: by mean-pooled keys the mild blocks win and the threshold is reached without the heavy
+    key's block; the log-sum-exp score carries that key's attention mass (most of the total) and keeps it."""
+    n, d = 512, 64
+    gen = torch.Generator().manual_seed(30)
+    direction = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+    q = torch.randn(n, 2, d, generator=gen) * 0.01 + direction * 4
+    k = torch.randn(n, 1, d, generator=gen) * 0.01
+    k[32:112, 0] += direction * 4  # blocks 2-6: every key scores 2 (scaled)
+    k[165, 0] += direction * 16  # block 10: one key scores 8
+    v = torch.randn(n, 1, d, generator=gen)
+    last = n // 16 - 1
+    for score, kept in (("mean", False), ("lse", True)):
+        cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.5, block_score=score)
+        sel = pbs_select(q, k, v, cfg, d ** -0.5)
+        blocks = set(sel.block_idx[0, last, : sel.block_count[0, last]].tolist())
+        assert (10 in blocks) == kept, (score, sorted(blocks))
+        ref, _ = pbs_prefill_ref(q, k, v, cfg)
+        out, _ = pbs_prefill(q, k, v, cfg)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("field, kwargs", [("segment_size", dict(block_size=128, segment_size=192)),
                                            ("threshold", dict(threshold=0)), ("block_size", dict(block_size=24)),
                                            ("budget", dict(budget=1.5)), ("min_blocks", dict(min_blocks=-1)),
+                                           ("block_score", dict(block_score="max")),
                                            ("max_blocks", dict(min_blocks=4, max_blocks=2))])
 def test_bad_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=f"PBSConfig.{field}"):
@@ -119,7 +147,7 @@ def test_cpu_engine_path_matches_specification(n, n_kv):
 
 
 @pytest.mark.parametrize("name, n, n_kv", [(name, 200, 260) for name in (*CONFIGS, "all")]
-                         + [("threshold", 70, 133)])  # the interpreter runs one program per (head, query block)
+                         + [(name, 70, 133) for name in ("threshold", "lse", "lse-permute", "shared-selection")])  # the interpreter runs one program per (head, query block)
 def test_fused_choice_kernel_matches_torch(monkeypatch, name, n, n_kv):
     """The fused softmax/sort/cut/compaction kernel (interpreter) picks exactly the blocks the torch path does."""
     ps = importlib.import_module("pbs_engine.kernels.pbs_select")  # the package's `pbs_select` is the function
@@ -134,13 +162,13 @@ def test_fused_choice_kernel_matches_torch(monkeypatch, name, n, n_kv):
     assert torch.equal(got.block_idx[..., : ref.block_idx.shape[2]][listed], ref.block_idx[listed])
 
 
-@pytest.mark.parametrize("name", ["threshold", "budget-nopermute"])
-def test_tma_sparse_kernel_matches_pointer_kernel(name):
+@pytest.mark.parametrize("name, prefetch", [("threshold", True), ("budget-nopermute", False)])
+def test_tma_sparse_kernel_matches_pointer_kernel(name, prefetch):
     """The Hopper path (K/V tiles through TMA descriptors, run here by the interpreter) equals the pointer path."""
     from pbs_engine.kernels.pbs_prefill import pbs_attention_triton
 
     q, k, v = rand(70, 8, 64, seed=25), rand(133, 2, 64, seed=26), rand(133, 2, 64, seed=27)
     sel = pbs_select(q, k, v, CONFIGS[name], 0.125)
     ref, _ = pbs_prefill_ref(q, k, v, CONFIGS[name], 0.125)
-    out = pbs_attention_triton(q, sel, CONFIGS[name], 0.125, tma=True)
+    out = pbs_attention_triton(q, sel, CONFIGS[name], 0.125, tma=True, prefetch=prefetch)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
