@@ -27,7 +27,9 @@ class PBSConfig:
     dense_layers: int = 0  # the first layers attend densely (the engine's attention layers read this)
     block_score: str = "mean"  # how a (query block, key block) pair is scored: "mean" = mean-pooled query against
     # mean-pooled keys (the paper's MeanPooling); "lse" = log-sum-exp over the block's keys of the mean-pooled
-    # query's scores, i.e. the exact share of that query's attention falling in the block (one key can carry it)
+    # query's scores, i.e. the exact share of that query's attention falling in the block (one key can carry it);
+    # with "lse" the threshold counts mass over the candidate blocks only: the first block holds the attention sink,
+    # whose true mass would reach the threshold almost alone
 
     def __post_init__(self) -> None:
         checks = [

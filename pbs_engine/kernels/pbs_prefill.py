@@ -53,6 +53,8 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
             off_diag = [j for j in vis if j * bs // seg * seg < diag_start]
             window = diag_start - cfg.local_segments * seg
             forced = [j for j in vis if j == 0 or j * bs // seg * seg >= window]
+            if cfg.block_score == "lse":  # nor do the other kept blocks: the sink's mass would use up the threshold
+                off_diag = [j for j in off_diag if j not in forced]
             masses = []
             for hg in range(group):
                 mass = dict.fromkeys(vis, 0.0)

@@ -6,7 +6,8 @@
 3. Block scores: mean-pooled query blocks against mean-pooled (permuted) key blocks (`block_score="mean"`), or
    the log-sum-exp over each key block's keys of the mean-pooled query's scores (`"lse"`: the share of that
    query's attention in the block, which a single heavy key can carry), softmaxed over the visible
-   blocks outside the diagonal segment (as the paper does: the diagonal segment is kept whatever its score). Per
+   blocks outside the diagonal segment (with "lse": over the blocks not kept anyway, so the attention sink in the
+   first block does not use up the threshold) (as the paper does: the diagonal segment is kept whatever its score). Per
    query block keep the first key block, every block of its diagonal segment(s) and of the `local_segments`
    segments before them, then the fewest other blocks whose mass, added to the kept blocks' mass, reaches the
    threshold (or a fixed fraction of the visible blocks in budget mode), clamped to [min_blocks, max_blocks].
@@ -203,7 +204,7 @@ MAX_FUSED_BLOCKS = 4096  # longer rows (over 512K keys at block 128) take the to
 def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, threshold, min_sel, max_sel,
                    s_sh, s_sm, s_ih, s_im, s_ch,
                    BS: tl.constexpr, SEG: tl.constexpr, LOCAL: tl.constexpr, PERMUTE: tl.constexpr,
-                   MODE: tl.constexpr, NKB: tl.constexpr, GROUP: tl.constexpr):
+                   MODE: tl.constexpr, NKB: tl.constexpr, GROUP: tl.constexpr, CANDIDATES_ONLY: tl.constexpr):
     # Program (list head h, query block m): the same decision as `_choose` + `_compact` for one row of block
     # probabilities: the softmax of one query head's scores, or the mean of the GROUP query heads' softmaxes
     # (shared selection). MODE 0: threshold; 1: budget (NSEL[m] selected blocks, precomputed); 2: every candidate.
@@ -222,7 +223,10 @@ def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, threshold, min_sel, max_
     diag_start = q_first // SEG * SEG
     diag = visible & (block_seg >= diag_start)
     forced = visible & ((block_seg >= diag_start - LOCAL * SEG) | (j == 0))
-    soft = visible & (diag == 0)
+    if CANDIDATES_ONLY:  # "lse": the always-kept blocks (the first holds the attention sink) take no part
+        soft = visible & (forced == 0)
+    else:
+        soft = visible & (diag == 0)
     probs = tl.zeros([NKB], dtype=tl.float32)
     for gh in range(GROUP):
         s = tl.load(S + (h * GROUP + gh) * s_sh + m * s_sm + j, mask=real, other=float("-inf"))
@@ -274,7 +278,7 @@ def choose_triton(scores: torch.Tensor, forced: torch.Tensor, visible: torch.Ten
         cfg.max_blocks if cfg.max_blocks is not None else nkb,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         BS=cfg.block_size, SEG=cfg.segment_size, LOCAL=cfg.local_segments, PERMUTE=cfg.permute, MODE=mode,
-        NKB=width, GROUP=group, num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
+        NKB=width, GROUP=group, CANDIDATES_ONLY=cfg.block_score == "lse", num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
     return idx, counts
 
 
@@ -319,7 +323,8 @@ def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
     if use_triton(q) and triton.next_power_of_2(nkb) <= MAX_FUSED_BLOCKS:
         idx, counts = choose_triton(scores, forced, visible, cfg, n, prefix, shared)  # padded to nkb: no host sync
     else:
-        probs = scores.masked_fill(~(visible & ~diag), float("-inf")).softmax(-1).nan_to_num_(0.0)
+        soft = visible & ~(forced if cfg.block_score == "lse" else diag)  # see PBSConfig.block_score
+        probs = scores.masked_fill(~soft, float("-inf")).softmax(-1).nan_to_num_(0.0)
         probs = probs.view(hq // shared, shared, nqb, nkb).mean(1)
         idx, counts = _compact(_choose(probs, visible, forced, cfg))
     return PBSSelection(keys=keys, values=values, key_pos=key_pos, q_offset=prefix,
