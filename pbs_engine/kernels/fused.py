@@ -26,7 +26,7 @@ def _rms_norm_kernel(X, R, W, O, R_out, eps, n_cols, s_x, s_r, s_o, s_ro,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     # Program (row t): one row of X (T, H) with contiguous H (and of R, the residual), in one BLOCK >= H. With a
     # residual, r = round(x + res) is written to R_out and normalised; O = round(r * rsqrt(mean(r^2) + eps)) * W.
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # row offsets pass 2^31 elements in long prefill chunks
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + t * s_x + cols, mask=mask, other=0.0)
@@ -68,7 +68,7 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 def _silu_and_mul_kernel(X, O, n_cols, s_x, s_o, BLOCK: tl.constexpr):
     # Program (row t, column tile c): X (T, 2I) rows hold gate in [0, I) and up in [I, 2I), contiguous; writes
     # O[t, c-tile] = silu(gate) * up of O (T, I), in float32 then rounded.
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # 65536 tokens x 2 x 18944 columns pass 2^31 elements
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(X + t * s_x + cols, mask=mask, other=0.0).to(tl.float32)

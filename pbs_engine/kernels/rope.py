@@ -62,7 +62,7 @@ def _rope_kernel(Q, K, QO, KO, POS, CACHE, s_qt, s_qh, s_kt, s_kh, s_qot, s_qoh,
                  QH_PAD: tl.constexpr, KH_PAD: tl.constexpr, HALF: tl.constexpr):
     # Program (token t): all heads of q (T, Hq, D) and k (T, Hkv, D), D contiguous, rotated by the cos/sin row of
     # POS[t] in CACHE (max_pos, D) = [cos | sin], in float32; dims i and i + HALF form one rotating pair.
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     row = CACHE + tl.load(POS + t).to(tl.int64) * s_c + tl.arange(0, HALF)[None, :]
     cos = tl.load(row).to(tl.float32)
     sin = tl.load(row + HALF).to(tl.float32)
