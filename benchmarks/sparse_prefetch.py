@@ -10,8 +10,10 @@ from pbs_engine.kernels import PBSConfig, flash_prefill
 from pbs_engine.kernels.pbs_select import pbs_select
 from pbs_engine.kernels.pbs_prefill import pbs_attention_triton
 
+
 def ms(f):
     return triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median")
+
 
 torch.manual_seed(0)
 for n in (32768, 131072):

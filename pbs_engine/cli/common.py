@@ -7,6 +7,7 @@ import sys
 from typing import Callable
 
 from pbs_engine.kernels import PBSConfig
+from pbs_engine.kernels.config import BLOCK_SCORES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pbs-local-segments", type=int, default=None,
                    help="PBS: also always keep this many segments before the diagonal one (recent window)")
     g.add_argument("--pbs-dense-layers", type=int, default=None, help="PBS: the first N layers attend densely")
-    g.add_argument("--pbs-block-score", choices=["mean", "lse"], default=None,
+    g.add_argument("--pbs-block-score", choices=BLOCK_SCORES, default=None,
                    help="PBS block score: mean-pooled keys (mean) or the pooled query's attention mass per block "
                         "(lse); docs/eval.md")
 

@@ -16,10 +16,8 @@ def parse_variant(spec: str) -> tuple[str, dict]:
         key, _, value = item.partition(":")
         if key not in fields or not value:
             raise ValueError(f"--variant {spec!r}: {item!r} is not FIELD:VALUE with FIELD one of {sorted(fields)}")
-        out[key] = value.lower() in ("1", "true") if key in ("permute", "shared_permutation",
-                                                                  "shared_selection") else (
-            int(value) if key in ("block_size", "segment_size", "min_blocks", "max_blocks", "local_segments",
-                                  "dense_layers") else value if key == "block_score" else float(value))
+        kind = fields[key].split(" |")[0]  # the annotation, "int | None" -> "int"
+        out[key] = {"bool": lambda x: x.lower() in ("1", "true"), "int": int, "float": float, "str": str}[kind](value)
     if not name or not out:
         raise ValueError(f"--variant {spec!r}: expected NAME=field:value[,field:value...]")
     return name, out

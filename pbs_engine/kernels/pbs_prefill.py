@@ -106,6 +106,20 @@ def _block_tile(K, V, g, npad, row0, offs_n, offs_d, s_kh, s_kt, s_vh, s_vt, TMA
 
 
 @triton.jit
+def _tile_row(listed, cur, t, count, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
+    """First permuted-K/V row of tile t (BLOCK_N rows of the listed block t // (BLOCK // BLOCK_N)), and the block
+    carried to the next tile: with PREFETCH, `cur` is tile t's block, read one tile earlier, and the next tile's is
+    read now, so the tile's K/V load never waits on an index load of the same iteration."""
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    if PREFETCH:
+        blk = cur
+        cur = tl.load(listed + tl.minimum((t + 1) // SUB, count - 1)).to(tl.int64)
+    else:
+        blk = tl.load(listed + t // SUB).to(tl.int64)
+    return blk * BLOCK + (t % SUB) * BLOCK_N, cur
+
+
+@triton.jit
 def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offset, npad,
                           s_qt, s_qh, s_kh, s_kt, s_vh, s_vt, s_ph, s_ih, s_im, s_ch, s_ot, s_oh,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -131,23 +145,13 @@ def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offs
     n_full = count - tl.load(DIAG + m)
     SUB: tl.constexpr = BLOCK // BLOCK_N
     listed = IDX + h // LIST_GROUP * s_ih + m * s_im
-    cur = tl.load(listed).to(tl.int64)  # PREFETCH: the block of tile t is loaded while tile t - 1 is processed
+    cur = tl.load(listed).to(tl.int64)  # the first tile's block (see _tile_row)
     for t in range(0, n_full * SUB):
-        if PREFETCH:
-            blk = cur
-            cur = tl.load(listed + tl.minimum((t + 1) // SUB, count - 1)).to(tl.int64)
-        else:
-            blk = tl.load(listed + t // SUB).to(tl.int64)
-        row0 = blk * BLOCK + (t % SUB) * BLOCK_N
+        row0, cur = _tile_row(listed, cur, t, count, BLOCK, BLOCK_N, PREFETCH)
         k, v = _block_tile(K, V, g, npad, row0, offs_n, offs_d, s_kh, s_kt, s_vh, s_vt, TMA)
         acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, offs_n, q_pos, 0, qk_scale, MASKED=False, CAUSAL=True)
     for t in range(n_full * SUB, count * SUB):
-        if PREFETCH:
-            blk = cur
-            cur = tl.load(listed + tl.minimum((t + 1) // SUB, count - 1)).to(tl.int64)
-        else:
-            blk = tl.load(listed + t // SUB).to(tl.int64)
-        row0 = blk * BLOCK + (t % SUB) * BLOCK_N
+        row0, cur = _tile_row(listed, cur, t, count, BLOCK, BLOCK_N, PREFETCH)
         k, v = _block_tile(K, V, g, npad, row0, offs_n, offs_d, s_kh, s_kt, s_vh, s_vt, TMA)
         pos = tl.load(POS + g * s_ph + row0 + offs_n)  # padding slots sit past every query: hidden as future keys
         acc, m_i, l_i = online_step(acc, m_i, l_i, q, k, v, pos, q_pos, 2147483647, qk_scale, MASKED=True,

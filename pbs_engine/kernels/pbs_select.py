@@ -5,9 +5,9 @@
 2. Permutation: inside each segment, keys sorted by importance, so the keys that matter cluster into few blocks.
 3. Block scores: mean-pooled query blocks against mean-pooled (permuted) key blocks (`block_score="mean"`), or
    the log-sum-exp over each key block's keys of the mean-pooled query's scores (`"lse"`: the share of that
-   query's attention in the block, which a single heavy key can carry), softmaxed over the visible
-   blocks outside the diagonal segment (with "lse": over the blocks not kept anyway, so the attention sink in the
-   first block does not use up the threshold) (as the paper does: the diagonal segment is kept whatever its score). Per
+   query's attention in the block, which a single heavy key can carry). They are softmaxed over the visible blocks
+   outside the diagonal segment, as the paper does (the diagonal segment is kept whatever its score); with "lse"
+   over the blocks not kept anyway, so the attention sink in the first block does not use up the threshold. Per
    query block keep the first key block, every block of its diagonal segment(s) and of the `local_segments`
    segments before them, then the fewest other blocks whose mass, added to the kept blocks' mass, reaches the
    threshold (or a fixed fraction of the visible blocks in budget mode), clamped to [min_blocks, max_blocks].
@@ -15,9 +15,9 @@
    (with `shared_selection`, one list per (KV head, query block) from the mean of its query heads' probabilities);
    the diagonal-segment blocks, which need the causal mask, are the last `diag_count` entries of each list.
 
-Steps 1 and 3-4 have Triton kernels on CUDA (importance.py; `_block_lse_kernel` and `_choose_kernel` below fuses the softmax, the sort,
-the threshold or budget cut and the compaction, one program per (query head, query block)); the torch code is the
-CPU path and the kernels' reference.
+Steps 1 and 3-4 have Triton kernels on CUDA (importance.py; below, `_block_lse_kernel` for the "lse" scores and
+`_choose_kernel`, which fuses the softmax, the sort, the threshold or budget cut and the compaction, one program per
+(list head, query block)); the torch code is the CPU path and the kernels' reference.
 """
 from __future__ import annotations
 
@@ -278,7 +278,8 @@ def choose_triton(scores: torch.Tensor, forced: torch.Tensor, visible: torch.Ten
         cfg.max_blocks if cfg.max_blocks is not None else nkb,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         BS=cfg.block_size, SEG=cfg.segment_size, LOCAL=cfg.local_segments, PERMUTE=cfg.permute, MODE=mode,
-        NKB=width, GROUP=group, CANDIDATES_ONLY=cfg.block_score == "lse", num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
+        NKB=width, GROUP=group, CANDIDATES_ONLY=cfg.block_score == "lse",
+        num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
     return idx, counts
 
 

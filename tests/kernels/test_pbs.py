@@ -146,8 +146,9 @@ def test_cpu_engine_path_matches_specification(n, n_kv):
         assert stats.density == pytest.approx(ref_stats.density)
 
 
+# the interpreter runs one program per (head, query block): a few configs also with a cached prefix
 @pytest.mark.parametrize("name, n, n_kv", [(name, 200, 260) for name in (*CONFIGS, "all")]
-                         + [(name, 70, 133) for name in ("threshold", "lse", "lse-permute", "shared-selection")])  # the interpreter runs one program per (head, query block)
+                         + [(name, 70, 133) for name in ("threshold", "lse", "lse-permute", "shared-selection")])
 def test_fused_choice_kernel_matches_torch(monkeypatch, name, n, n_kv):
     """The fused softmax/sort/cut/compaction kernel (interpreter) picks exactly the blocks the torch path does."""
     ps = importlib.import_module("pbs_engine.kernels.pbs_select")  # the package's `pbs_select` is the function
