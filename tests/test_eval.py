@@ -16,6 +16,7 @@ def test_eval_smoke(smollm2_path, tmp_path):
     lm = {r["method"]: r for r in res["lm"]}
     assert set(lm) == {"dense", "pbs", "pbs-permute", "pbs-budget10"}
     assert lm["dense"]["top1_agreement"] == 1.0 and lm["dense"]["kl_from_dense"] == 0.0
+    assert lm["dense"]["top1_agreement_all"] == 1.0 and 0.5 < lm["pbs"]["top1_agreement_all"] <= 1.0
     for r in lm.values():
         assert 0 < r["nll"] < 10 and 0 < r["density"] <= 1 and r["kl_from_dense"] >= -1e-6
     assert lm["pbs-budget10"]["density"] < lm["dense"]["density"]

@@ -32,6 +32,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pbs-block-score", choices=BLOCK_SCORES, default=None,
                    help="PBS block score: mean-pooled keys (mean) or the pooled query's attention mass per block "
                         "(lse); docs/eval.md")
+    g.add_argument("--pbs-query-reps", type=int, default=None,
+                   help="PBS: pooled queries per query block; a key block is kept if any of them selects it")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -55,7 +57,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     pbs = {k: v for k, v in (("threshold", args.pbs_threshold), ("block_size", args.pbs_block_size),
                              ("segment_size", args.pbs_segment_size), ("local_segments", args.pbs_local_segments),
                              ("dense_layers", args.pbs_dense_layers), ("permute", args.pbs_permute),
-                             ("block_score", args.pbs_block_score))
+                             ("block_score", args.pbs_block_score), ("query_reps", args.pbs_query_reps))
            if v is not None}
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                 max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),

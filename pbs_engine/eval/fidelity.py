@@ -22,16 +22,23 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def _predictions(model, hidden: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Greedy next-token prediction at every position but the last, a chunk of positions' logits at a time."""
+    return torch.cat([model.compute_logits(hidden[i:min(i + chunk, len(hidden) - 1)]).argmax(-1)
+                      for i in range(0, len(hidden) - 1, chunk)])
+
+
 @torch.inference_mode()
 def lm_fidelity(model, ids: list[int], methods: dict, last: int = 1024) -> list[dict]:
-    """Next-token NLL on the last `last` tokens, top-1 agreement and KL(dense || method), block density by layer,
-    and prefill time, for every method. `methods` must start with "dense"."""
+    """Next-token NLL on the last `last` tokens, top-1 agreement and KL(dense || method) there, top-1 agreement over
+    every position of the sequence, block density by layer, and prefill time, for every method. `methods` must
+    start with "dense"."""
     device = next(model.parameters()).device
     n = len(ids)
     x = torch.tensor(ids, device=device)
     positions = torch.arange(n, device=device)
     targets = x[n - last:]
-    rows, dense_lp = [], None
+    rows, dense_lp, dense_pred = [], None, None
     for name, (attention, pbs) in methods.items():
         stats: list = []
         meta = _meta(n, device, attention, pbs, stats)
@@ -43,8 +50,9 @@ def lm_fidelity(model, ids: list[int], methods: dict, last: int = 1024) -> list[
         _sync(device)
         seconds = time.perf_counter() - start
         lp = torch.log_softmax(model.compute_logits(hidden[n - last - 1:n - 1]), dim=-1)
+        pred = _predictions(model, hidden)
         if dense_lp is None:
-            dense_lp = lp
+            dense_lp, dense_pred = lp, pred
         by_layer = defaultdict(list)
         for layer, s in stats:
             by_layer[layer].append(s.density)
@@ -56,6 +64,7 @@ def lm_fidelity(model, ids: list[int], methods: dict, last: int = 1024) -> list[
             "nll": -lp.gather(1, targets[:, None]).mean().item(),
             "top1_agreement": (lp.argmax(-1) == dense_lp.argmax(-1)).float().mean().item(),
             "kl_from_dense": (dense_lp.exp() * (dense_lp - lp)).sum(-1).mean().item(),
+            "top1_agreement_all": (pred == dense_pred).float().mean().item(),
             "density": sum(sum(v) for v in by_layer.values()) / max(1, sum(len(v) for v in by_layer.values()))
             if by_layer else 1.0,
             "density_by_layer": [sum(by_layer[i]) / len(by_layer[i]) for i in sorted(by_layer)],

@@ -40,13 +40,14 @@ def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float],
 def summary(results: dict) -> str:
     lines = [f"model: {results['model']}  device: {results['device']}", ""]
     if results.get("lm"):
-        lines += ["| tokens | method | NLL last 1K | vs dense | top-1 agree | KL(dense‖m) | density | prefill s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| tokens | method | NLL last 1K | vs dense | top-1 agree | KL(dense‖m) | top-1 agree, all "
+                  "positions | density | prefill s |", "|---|---|---|---|---|---|---|---|---|"]
         dense = {r["tokens"]: r["nll"] for r in results["lm"] if r["method"] == "dense"}
         for r in results["lm"]:
             rel = (r["nll"] / dense[r["tokens"]] - 1) * 100
             lines.append(f"| {r['tokens']} | {r['method']} | {r['nll']:.4f} | {rel:+.2f}% | "
-                         f"{r['top1_agreement'] * 100:.2f}% | {r['kl_from_dense']:.4f} | {r['density']:.3f} | "
+                         f"{r['top1_agreement'] * 100:.2f}% | {r['kl_from_dense']:.4f} | "
+                         f"{r.get('top1_agreement_all', float('nan')) * 100:.2f}% | {r['density']:.3f} | "
                          f"{r['prefill_s']:.3f} |")
         lines.append("")
     if results.get("needle"):

@@ -52,39 +52,52 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
             diag_start = first // seg * seg
             off_diag = [j for j in vis if j * bs // seg * seg < diag_start]
             window = diag_start - cfg.local_segments * seg
-            forced = [j for j in vis if j == 0 or j * bs // seg * seg >= window]
+            tail = m >= nqb - cfg.dense_last_blocks  # a last query block: every visible block
+            forced = [j for j in vis if tail or j == 0 or j * bs // seg * seg >= window]
             if cfg.block_score == "lse":  # nor do the other kept blocks: the sink's mass would use up the threshold
                 off_diag = [j for j in off_diag if j not in forced]
-            masses = []
+            sub = bs // cfg.query_reps  # pooled queries: the means of the block's groups of `sub` queries
+            pooled = [range(r0, min(rows.stop, r0 + sub)) for r0 in range(rows.start, rows.stop, sub)]
+            masses = []  # masses[hg][r]: block -> probability, for query head hg and pooled query r
             for hg in range(group):
-                mass = dict.fromkeys(vis, 0.0)
-                if off_diag:  # the diagonal segment takes no part in the softmax
-                    qmean = qg[rows, hg].mean(0)
-                    if cfg.block_score == "lse":  # the mean query's attention mass per block
-                        blocks = [(qmean @ kp[j * bs:(j + 1) * bs].T * scale).logsumexp(0) for j in off_diag]
-                        p = torch.stack(blocks).softmax(-1)
-                    else:
-                        p = (qmean @ k_means[off_diag].T * scale).softmax(-1)
-                    mass.update(zip(off_diag, p.tolist()))
-                masses.append(mass)
+                masses.append([])
+                for pool in pooled:
+                    mass = dict.fromkeys(vis, 0.0)
+                    if off_diag:  # the diagonal segment takes no part in the softmax
+                        qmean = qg[pool.start:pool.stop, hg].mean(0)
+                        if cfg.block_score == "lse":  # the mean query's attention mass per block
+                            blocks = [(qmean @ kp[j * bs:(j + 1) * bs].T * scale).logsumexp(0) for j in off_diag]
+                            p = torch.stack(blocks).softmax(-1)
+                        else:
+                            p = (qmean @ k_means[off_diag].T * scale).softmax(-1)
+                        mass.update(zip(off_diag, p.tolist()))
+                    masses[hg].append(mass)
             if cfg.shared_selection and group > 1:  # one choice for the group, by its heads' mean mass
-                mean_mass = {j: sum(mass[j] for mass in masses) / group for j in vis}
-                masses = [mean_mass] * group
-            for hg, mass in enumerate(masses):
-                cands = sorted((j for j in vis if j not in forced), key=lambda j: -mass[j])
-                if cfg.budget is not None:
-                    n_sel = math.ceil(cfg.budget * len(vis) - 1e-6) - len(forced)
-                elif cfg.threshold >= 1.0:
-                    n_sel = len(cands)
-                else:
-                    total, n_sel = sum(mass[j] for j in forced), 0
-                    while n_sel < len(cands) and total < cfg.threshold:
-                        total, n_sel = total + mass[cands[n_sel]], n_sel + 1
-                n_sel = max(int(n_sel), cfg.min_blocks or 0)
-                n_sel = min(n_sel, len(cands), cfg.max_blocks if cfg.max_blocks is not None else n_sel)
-                for j in forced + cands[:n_sel]:
+                means = [{j: sum(masses[hg][r][j] for hg in range(group)) / group for j in vis}
+                         for r in range(len(pooled))]
+                masses = [means] * group
+            by_max = cfg.budget is not None or cfg.threshold >= 1.0
+            for hg in range(group):
+                per_pool = masses[hg]
+                if by_max:  # one choice by each block's largest probability over the pooled queries
+                    per_pool = [{j: max(mass[j] for mass in per_pool) for j in vis}]
+                chosen: set[int] = set()  # the union of the pooled queries' choices
+                for mass in per_pool:
+                    cands = sorted((j for j in vis if j not in forced), key=lambda j: -mass[j])
+                    if cfg.budget is not None:
+                        n_sel = math.ceil(cfg.budget * len(vis) - 1e-6) - len(forced)
+                    elif cfg.threshold >= 1.0:
+                        n_sel = len(cands)
+                    else:
+                        total, n_sel = sum(mass[j] for j in forced), 0
+                        while n_sel < len(cands) and total < cfg.threshold:
+                            total, n_sel = total + mass[cands[n_sel]], n_sel + 1
+                    n_sel = max(int(n_sel), cfg.min_blocks or 0)
+                    n_sel = min(n_sel, len(cands), cfg.max_blocks if cfg.max_blocks is not None else n_sel)
+                    chosen.update(cands[:n_sel])
+                for j in forced + sorted(chosen):
                     allowed[hg, rows, order[j * bs:(j + 1) * bs]] = True
-                kept[g * group + hg] += len(forced) + n_sel
+                kept[g * group + hg] += len(forced) + len(chosen)
             visible_pairs += len(vis) if g == 0 else 0
         for hg in range(group):
             scores = (qg[:, hg] @ kg.T * scale).masked_fill(~(allowed[hg] & causal), float("-inf"))

@@ -9,8 +9,11 @@
    outside the diagonal segment, as the paper does (the diagonal segment is kept whatever its score); with "lse"
    over the blocks not kept anyway, so the attention sink in the first block does not use up the threshold. Per
    query block keep the first key block, every block of its diagonal segment(s) and of the `local_segments`
-   segments before them, then the fewest other blocks whose mass, added to the kept blocks' mass, reaches the
-   threshold (or a fixed fraction of the visible blocks in budget mode), clamped to [min_blocks, max_blocks].
+   segments before them (the last `dense_last_blocks` query blocks: every visible block), then the fewest other
+   blocks whose mass, added to the kept blocks' mass, reaches the threshold (or a fixed fraction of the visible
+   blocks in budget mode), clamped to [min_blocks, max_blocks].
+   With `query_reps` > 1 each query block is pooled into that many means, each chooses as above, and the block
+   keeps the union of their choices (budget mode: one choice by each block's largest probability over them).
 4. The kept blocks become a compact list per (query head, query block), ascending, padded to the longest list
    (with `shared_selection`, one list per (KV head, query block) from the mean of its query heads' probabilities);
    the diagonal-segment blocks, which need the causal mask, are the last `diag_count` entries of each list.
@@ -74,6 +77,17 @@ def _block_means(x: torch.Tensor, n: int, block: int) -> torch.Tensor:
     return means
 
 
+def _rep_means(q: torch.Tensor, n: int, cfg: PBSConfig) -> torch.Tensor:
+    """q (N, Hq, D) -> (Hq, nqb, reps, D) float32 means of each query block's `query_reps` consecutive groups of
+    block_size / query_reps queries; a last query block too short for all its groups repeats its last mean (the
+    union or maximum over groups is unchanged by that)."""
+    reps, nqb = cfg.query_reps, -(-n // cfg.block_size)
+    means = _block_means(q.transpose(0, 1), n, cfg.block_size // reps)
+    if means.shape[1] < nqb * reps:
+        means = means[:, torch.arange(nqb * reps, device=q.device).clamp(max=means.shape[1] - 1)]
+    return means.view(q.shape[1], nqb, reps, q.shape[2])
+
+
 def _permutation(q: torch.Tensor, k: torch.Tensor, cfg: PBSConfig, scale: float, npad: int) -> torch.Tensor:
     """(Hkv, Npad) original position of each permuted key slot; slots past N_kv hold padding positions."""
     n_kv, hkv, _ = k.shape
@@ -85,6 +99,15 @@ def _permutation(q: torch.Tensor, k: torch.Tensor, cfg: PBSConfig, scale: float,
     imp[:, :n_kv] = key_importance(q, k, cfg.block_size, scale)
     order = imp.view(hkv, nseg, seg).argsort(dim=-1, descending=True, stable=True)
     return (order + torch.arange(nseg, device=k.device)[:, None] * seg).view(hkv, -1)[:, :npad]
+
+
+def _choose_reps(probs: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, cfg: PBSConfig) -> torch.Tensor:
+    """probs (H, reps, nqb, nkb) block probabilities of each pooled query -> keep (H, nqb, nkb): the union of each
+    pooled query's threshold choice, or (budget, threshold 1) the choice by the largest probability per block."""
+    if cfg.budget is not None or cfg.threshold >= 1.0 or probs.shape[1] == 1:
+        return _choose(probs.amax(1), visible, forced, cfg)
+    h, reps, nqb, nkb = probs.shape
+    return _choose(probs.reshape(h * reps, nqb, nkb), visible, forced, cfg).view(h, reps, nqb, nkb).any(1)
 
 
 def _choose(probs: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, cfg: PBSConfig) -> torch.Tensor:
@@ -132,9 +155,10 @@ def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def block_lse_torch(qm: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, n_kv: int, prefix: int,
                     cfg: PBSConfig, scale: float) -> torch.Tensor:
-    """The "lse" block score: qm (Hkv, group, nqb, D) float32 query-block means, keys (Hkv, Npad, D) permuted ->
-    (Hq, nqb, nkb) log-sum-exp over each key block's real keys of qm . k * scale (padding keys excluded), so the
-    softmax over blocks is exactly the mean query's attention mass per block. Query-block chunks bound the
+    """The "lse" block score: qm (Hkv, group, nqb, D) float32 pooled queries (`group` per KV head: its query heads
+    x query_reps), keys (Hkv, Npad, D) permuted -> (Hkv x group, nqb, nkb) log-sum-exp over each key block's real
+    keys of qm . k * scale (padding keys excluded), so the softmax over blocks is exactly the pooled query's
+    attention mass per block. Query-block chunks bound the
     (group x chunk x Npad) score buffer."""
     hkv, group, nqb, d = qm.shape
     npad = keys.shape[1]
@@ -201,13 +225,47 @@ MAX_FUSED_BLOCKS = 4096  # longer rows (over 512K keys at block 128) take the to
 
 
 @triton.jit
-def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, threshold, min_sel, max_sel,
+def _pooled_probs(S, row0, m, j, real, soft, s_sh, s_sm, GROUP: tl.constexpr, REPS: tl.constexpr):
+    """Block probabilities of one pooled query of query block m: the softmax over the `soft` blocks of score rows
+    row0, row0 + REPS, ... (one per query head of a shared list), averaged over those GROUP heads."""
+    probs = tl.zeros(j.shape, dtype=tl.float32)
+    for gh in range(GROUP):
+        s = tl.load(S + (row0 + gh * REPS) * s_sh + m * s_sm + j, mask=real, other=float("-inf"))
+        logits = tl.where(soft, s, float("-inf"))
+        top = tl.max(logits, 0)
+        e = tl.where(soft, tl.exp(logits - tl.where(top == float("-inf"), 0.0, top)), 0.0)
+        total = tl.sum(e, 0)
+        probs += e / tl.where(total == 0, 1.0, total)
+    return probs / GROUP
+
+
+@triton.jit
+def _threshold_keep(probs, j, forced, candidate, n_sel, n_cand, threshold, min_sel, max_sel, MODE: tl.constexpr):
+    """The candidates `_choose` keeps for one row of probabilities (MODE 0: reach the threshold; 1: the n_sel
+    largest; 2: all), clamped to [min_sel, max_sel]."""
+    cand_p = tl.where(candidate, probs, -1.0)
+    sorted_p = tl.sort(cand_p, descending=True)
+    if MODE == 0:
+        mass = tl.maximum(sorted_p, 0.0)
+        before = tl.sum(tl.where(forced, probs, 0.0), 0) + tl.cumsum(mass, 0) - mass
+        n_sel = tl.sum(((before < threshold) & (sorted_p >= 0)).to(tl.int32), 0)
+    elif MODE == 2:
+        n_sel = n_cand
+    n_sel = tl.minimum(tl.minimum(tl.maximum(n_sel, min_sel), max_sel), n_cand)
+    cut = tl.sum(tl.where(j == tl.maximum(n_sel - 1, 0), sorted_p, 0.0), 0)
+    return candidate & (cand_p >= cut) & (n_sel > 0)
+
+
+@triton.jit
+def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, dense_from, threshold, min_sel, max_sel,
                    s_sh, s_sm, s_ih, s_im, s_ch,
                    BS: tl.constexpr, SEG: tl.constexpr, LOCAL: tl.constexpr, PERMUTE: tl.constexpr,
-                   MODE: tl.constexpr, NKB: tl.constexpr, GROUP: tl.constexpr, CANDIDATES_ONLY: tl.constexpr):
-    # Program (list head h, query block m): the same decision as `_choose` + `_compact` for one row of block
-    # probabilities: the softmax of one query head's scores, or the mean of the GROUP query heads' softmaxes
-    # (shared selection). MODE 0: threshold; 1: budget (NSEL[m] selected blocks, precomputed); 2: every candidate.
+                   MODE: tl.constexpr, NKB: tl.constexpr, GROUP: tl.constexpr, REPS: tl.constexpr,
+                   CANDIDATES_ONLY: tl.constexpr):
+    # Program (list head h, query block m): the same decision as `_choose_reps` + `_compact` for one query block:
+    # per pooled query (REPS of them) the softmax of one query head's scores, or the mean of the GROUP query heads'
+    # softmaxes (shared selection); the union of the pooled queries' threshold choices (MODE 0), or one choice by
+    # their largest probability per block (MODE 1: budget, NSEL[m] selected blocks precomputed; 2: every candidate).
     h = tl.program_id(0)
     m = tl.program_id(1)
     j = tl.arange(0, NKB)
@@ -222,35 +280,28 @@ def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, threshold, min_sel, max_
     visible = real & (earliest <= q_last)
     diag_start = q_first // SEG * SEG
     diag = visible & (block_seg >= diag_start)
-    forced = visible & ((block_seg >= diag_start - LOCAL * SEG) | (j == 0))
+    forced = visible & ((block_seg >= diag_start - LOCAL * SEG) | (j == 0) | (m >= dense_from))
     if CANDIDATES_ONLY:  # "lse": the always-kept blocks (the first holds the attention sink) take no part
         soft = visible & (forced == 0)
     else:
         soft = visible & (diag == 0)
-    probs = tl.zeros([NKB], dtype=tl.float32)
-    for gh in range(GROUP):
-        s = tl.load(S + (h * GROUP + gh) * s_sh + m * s_sm + j, mask=real, other=float("-inf"))
-        logits = tl.where(soft, s, float("-inf"))
-        top = tl.max(logits, 0)
-        e = tl.where(soft, tl.exp(logits - tl.where(top == float("-inf"), 0.0, top)), 0.0)
-        total = tl.sum(e, 0)
-        probs += e / tl.where(total == 0, 1.0, total)
-    probs = probs / GROUP
     candidate = visible & (forced == 0)
     n_cand = tl.sum(candidate.to(tl.int32), 0)
-    cand_p = tl.where(candidate, probs, -1.0)
-    sorted_p = tl.sort(cand_p, descending=True)
-    if MODE == 0:
-        mass = tl.maximum(sorted_p, 0.0)
-        before = tl.sum(tl.where(forced, probs, 0.0), 0) + tl.cumsum(mass, 0) - mass
-        n_sel = tl.sum(((before < threshold) & (sorted_p >= 0)).to(tl.int32), 0)
-    elif MODE == 1:
+    n_sel = 0
+    if MODE == 1:
         n_sel = tl.load(NSEL + m)
-    else:
-        n_sel = n_cand
-    n_sel = tl.minimum(tl.minimum(tl.maximum(n_sel, min_sel), max_sel), n_cand)
-    cut = tl.sum(tl.where(j == tl.maximum(n_sel - 1, 0), sorted_p, 0.0), 0)
-    keep = (forced | (candidate & (cand_p >= cut) & (n_sel > 0))).to(tl.int32)
+    keep = forced
+    top = tl.zeros([NKB], dtype=tl.float32)
+    for r in range(REPS):
+        probs = _pooled_probs(S, h * GROUP * REPS + r, m, j, real, soft, s_sh, s_sm, GROUP, REPS)
+        if MODE == 0:
+            keep = keep | _threshold_keep(probs, j, forced, candidate, n_sel, n_cand, threshold, min_sel, max_sel,
+                                          MODE)
+        else:
+            top = tl.maximum(top, probs)
+    if MODE != 0:
+        keep = keep | _threshold_keep(top, j, forced, candidate, n_sel, n_cand, threshold, min_sel, max_sel, MODE)
+    keep = keep.to(tl.int32)
     slot = tl.cumsum(keep, 0) - 1
     tl.store(IDX + h * s_ih + m * s_im + slot, j, mask=keep > 0)
     tl.store(CNT + h * s_ch + m, tl.sum(keep, 0))
@@ -258,11 +309,13 @@ def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, threshold, min_sel, max_
 
 def choose_triton(scores: torch.Tensor, forced: torch.Tensor, visible: torch.Tensor, cfg: PBSConfig, n_q: int,
                   prefix: int, group: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (Hq, nqb, nkb) scaled block scores -> (kept block indices (Hq / group, nqb, nkb), counts
-    (Hq / group, nqb)), one list per `group` consecutive query heads (their mean block probabilities); the
-    geometry (visible, diagonal, forced blocks) is recomputed in the kernel, `forced`/`visible` only size the
-    budget."""
-    hq, nqb, nkb = scores.shape
+    """scores (Hq x query_reps, nqb, nkb) scaled block scores (row h x reps + r: query head h, pooled query r) ->
+    (kept block indices (Hq / group, nqb, nkb), counts (Hq / group, nqb)), one list per `group` consecutive query
+    heads (their mean block probabilities); the geometry (visible, diagonal, forced blocks) is recomputed in the
+    kernel, `forced`/`visible` only size the budget."""
+    rows, nqb, nkb = scores.shape
+    reps = cfg.query_reps
+    hq = rows // reps
     scores = scores.contiguous()
     idx = torch.zeros(hq // group, nqb, nkb, dtype=torch.int32, device=scores.device)
     counts = torch.empty(hq // group, nqb, dtype=torch.int32, device=scores.device)
@@ -274,11 +327,11 @@ def choose_triton(scores: torch.Tensor, forced: torch.Tensor, visible: torch.Ten
     on_gpu = scores.device.type == "cuda"
     width = triton.next_power_of_2(nkb)
     _choose_kernel[(hq // group, nqb)](
-        scores, n_sel, idx, counts, n_q, prefix, nkb, cfg.threshold, cfg.min_blocks or 0,
+        scores, n_sel, idx, counts, n_q, prefix, nkb, nqb - cfg.dense_last_blocks, cfg.threshold, cfg.min_blocks or 0,
         cfg.max_blocks if cfg.max_blocks is not None else nkb,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         BS=cfg.block_size, SEG=cfg.segment_size, LOCAL=cfg.local_segments, PERMUTE=cfg.permute, MODE=mode,
-        NKB=width, GROUP=group, CANDIDATES_ONLY=cfg.block_score == "lse",
+        NKB=width, GROUP=group, REPS=reps, CANDIDATES_ONLY=cfg.block_score == "lse",
         num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
     return idx, counts
 
@@ -299,13 +352,14 @@ def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
     keys = k.transpose(0, 1).gather(1, gather)
     values = v.transpose(0, 1).gather(1, gather)
 
-    qm = _block_means(q.transpose(0, 1), n, bs).view(hkv, group, nqb, d)
+    reps = cfg.query_reps  # score rows: (KV head, query head of its group, pooled query) major to minor
+    qm = _rep_means(q, n, cfg).view(hkv, group, nqb, reps, d).transpose(2, 3).reshape(hkv, group * reps, nqb, d)
     if cfg.block_score == "lse":
         lse = block_lse_triton if use_triton(q) else block_lse_torch
         scores = lse(qm, keys, key_pos, n_kv, prefix, cfg, scale)
     else:
         km = _block_means(keys, n_kv, bs)  # the real keys fill slots [0, N_kv): padding sorts last in its segment
-        scores = torch.einsum("hgmd,hjd->hgmj", qm, km).reshape(hq, nqb, nkb) * scale
+        scores = torch.einsum("hgmd,hjd->hgmj", qm, km).reshape(hq * reps, nqb, nkb) * scale
 
     # a key block is visible when its earliest possible key (its segment's start if permuted) is <= the block's
     # last query; the diagonal segment(s) start at the segment of the block's first query
@@ -319,15 +373,15 @@ def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
     diag_start = q_first // seg * seg
     diag = visible & (block_seg[None, :] >= diag_start[:, None])
     local = visible & (block_seg[None, :] >= (diag_start - cfg.local_segments * seg)[:, None])
-    forced = local | (visible & (j == 0)[None, :])
+    forced = local | (visible & ((j == 0)[None, :] | (m >= nqb - cfg.dense_last_blocks)[:, None]))
     shared = group if cfg.shared_selection else 1  # query heads per list
     if use_triton(q) and triton.next_power_of_2(nkb) <= MAX_FUSED_BLOCKS:
         idx, counts = choose_triton(scores, forced, visible, cfg, n, prefix, shared)  # padded to nkb: no host sync
     else:
         soft = visible & ~(forced if cfg.block_score == "lse" else diag)  # see PBSConfig.block_score
         probs = scores.masked_fill(~soft, float("-inf")).softmax(-1).nan_to_num_(0.0)
-        probs = probs.view(hq // shared, shared, nqb, nkb).mean(1)
-        idx, counts = _compact(_choose(probs, visible, forced, cfg))
+        probs = probs.view(hq // shared, shared, reps, nqb, nkb).mean(1)
+        idx, counts = _compact(_choose_reps(probs, visible, forced, cfg))
     return PBSSelection(keys=keys, values=values, key_pos=key_pos, q_offset=prefix,
                         block_idx=idx, block_count=counts.to(torch.int32),
                         diag_count=diag.sum(-1).to(torch.int32), kept=counts.sum(-1).repeat_interleave(shared),

@@ -28,12 +28,16 @@ CONFIGS = {
     "budget-nopermute": PBSConfig(budget=0.3, permute=False, **SMALL),
     "min-max-blocks": PBSConfig(threshold=0.5, min_blocks=1, max_blocks=2, block_size=16, segment_size=64,
                                 permute=True),
-    "local-window": PBSConfig(threshold=0.5, local_segments=1, **SMALL, permute=True),
+    "local-window": PBSConfig(threshold=0.5, local_segments=1, dense_last_blocks=0, **SMALL, permute=True),
     "per-head-permutation": PBSConfig(threshold=0.6, shared_permutation=False, **SMALL, permute=True),
     "lse": PBSConfig(threshold=0.6, block_score="lse", **SMALL),
     "lse-permute": PBSConfig(threshold=0.6, block_score="lse", **SMALL, permute=True),
     "shared-selection": PBSConfig(threshold=0.6, shared_selection=True, block_score="lse", **SMALL),
     "shared-budget": PBSConfig(budget=0.3, shared_selection=True, **SMALL, permute=True),
+    "query-reps": PBSConfig(threshold=0.6, query_reps=4, **SMALL),
+    "query-reps-mean-shared": PBSConfig(threshold=0.6, query_reps=2, block_score="mean", shared_selection=True,
+                                        **SMALL, permute=True),
+    "query-reps-budget": PBSConfig(budget=0.3, query_reps=4, **SMALL),
 }
 
 
@@ -61,7 +65,7 @@ def test_threshold_one_equals_dense_causal_attention(n, n_kv, permute):
 
 def test_first_block_and_diagonal_segment_survive_any_budget():
     q, k, v = rand(128, 2, 64, seed=14), rand(128, 1, 64, seed=15), rand(128, 1, 64, seed=16)
-    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, **SMALL, permute=True), 0.125)
+    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, dense_last_blocks=0, **SMALL, permute=True), 0.125)
     for m in range(128 // 16):
         kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
         assert kept == {0} | set(range(m * 16 // 32 * 2, m * 16 // 32 * 2 + 2))
@@ -69,7 +73,8 @@ def test_first_block_and_diagonal_segment_survive_any_budget():
 
 def test_local_segments_keep_a_recent_window():
     q, k, v = rand(160, 2, 64, seed=14), rand(160, 1, 64, seed=15), rand(160, 1, 64, seed=16)
-    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, local_segments=2, **SMALL, permute=True), 0.125)
+    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, local_segments=2, dense_last_blocks=0, **SMALL,
+                                              permute=True), 0.125)
     for m in range(160 // 16):
         kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
         diag_seg = m * 16 // 32
@@ -77,9 +82,28 @@ def test_local_segments_keep_a_recent_window():
         assert int(sel.diag_count[m]) == 2  # only the diagonal segment needs the causal mask
 
 
+@pytest.mark.parametrize("last", [1, 3])
+def test_dense_last_blocks_attend_to_every_key_block(last):
+    """The last `dense_last_blocks` query blocks keep every visible key block (they predict the first output token);
+    the others keep only the forced blocks under a zero budget, and the output equals the reference."""
+    q, k, v = rand(100, 4, 64, seed=32), rand(133, 2, 64, seed=33), rand(133, 2, 64, seed=34)
+    cfg = PBSConfig(budget=0.01, max_blocks=0, dense_last_blocks=last, **SMALL)
+    sel = pbs_select(q, k, v, cfg, 0.125)
+    nqb, prefix = -(-100 // 16), 33
+    for m in range(nqb):
+        visible = (prefix + min(100, (m + 1) * 16) - 1) // 16 + 1
+        kept = sel.block_idx[0, m, : sel.block_count[0, m]].tolist()
+        assert (kept == list(range(visible))) == (m >= nqb - last), (m, kept)
+    ref, ref_stats = pbs_prefill_ref(q, k, v, cfg)
+    for out, stats in (pbs_prefill(q, k, v, cfg), pbs_prefill_triton(q, k, v, cfg)):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert stats.kept.tolist() == ref_stats.kept.tolist()
+
+
 def test_max_blocks_caps_the_selected_blocks():
     q, k, v = rand(256, 2, 64, seed=17), rand(256, 1, 64, seed=18), rand(256, 1, 64, seed=19)
-    sel = pbs_select(q, k, v, PBSConfig(threshold=0.99, max_blocks=3, **SMALL, permute=True), 0.125)
+    cfg = PBSConfig(threshold=0.99, max_blocks=3, dense_last_blocks=0, **SMALL, permute=True)
+    sel = pbs_select(q, k, v, cfg, 0.125)
     forced = 1 + 2  # first block and the two blocks of the diagonal segment
     assert int(sel.block_count.max()) <= forced + 3
 
@@ -114,10 +138,35 @@ def test_lse_score_keeps_the_block_of_a_single_heavy_key():
     v = torch.randn(n, 1, d, generator=gen)
     last = n // 16 - 1
     for score, kept in (("mean", False), ("lse", True)):
-        cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.5, block_score=score)
+        cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.5, block_score=score,
+                        dense_last_blocks=0)
         sel = pbs_select(q, k, v, cfg, d ** -0.5)
         blocks = set(sel.block_idx[0, last, : sel.block_count[0, last]].tolist())
         assert (10 in blocks) == kept, (score, sorted(blocks))
+        ref, _ = pbs_prefill_ref(q, k, v, cfg)
+        out, _ = pbs_prefill(q, k, v, cfg)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_query_reps_keep_the_block_a_few_queries_look_for():
+    """Two queries of the last block look for one far block; the other 14 mildly prefer five other blocks. The
+    block's single mean query barely sees the far block and the threshold is reached without it; with four pooled
+    queries the pair's group has its own choice, and the union keeps the far block."""
+    n, d = 512, 64
+    gen = torch.Generator().manual_seed(31)
+    a, b = torch.linalg.qr(torch.randn(d, 2, generator=gen)).Q.T  # orthonormal directions
+    q = torch.randn(n, 1, d, generator=gen) * 0.01 + a * 4
+    q[-2:, 0] += (b - a) * 4  # the last two queries look along b
+    k = torch.randn(n, 1, d, generator=gen) * 0.01
+    k[32:112, 0] += a * 4  # blocks 2-6: mildly relevant to most queries
+    k[165, 0] += b * 16  # block 10: one key, strongly relevant to the two
+    v = torch.randn(n, 1, d, generator=gen)
+    last = n // 16 - 1
+    for reps, kept in ((1, False), (4, True)):
+        cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.5, query_reps=reps, dense_last_blocks=0)
+        sel = pbs_select(q, k, v, cfg, d ** -0.5)
+        blocks = set(sel.block_idx[0, last, : sel.block_count[0, last]].tolist())
+        assert (10 in blocks) == kept, (reps, sorted(blocks))
         ref, _ = pbs_prefill_ref(q, k, v, cfg)
         out, _ = pbs_prefill(q, k, v, cfg)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -127,6 +176,8 @@ def test_lse_score_keeps_the_block_of_a_single_heavy_key():
                                            ("threshold", dict(threshold=0)), ("block_size", dict(block_size=24)),
                                            ("budget", dict(budget=1.5)), ("min_blocks", dict(min_blocks=-1)),
                                            ("block_score", dict(block_score="max")),
+                                           ("query_reps", dict(query_reps=3)), ("query_reps", dict(query_reps=0)),
+                                           ("dense_last_blocks", dict(dense_last_blocks=-1)),
                                            ("max_blocks", dict(min_blocks=4, max_blocks=2))])
 def test_bad_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=f"PBSConfig.{field}"):
@@ -139,7 +190,8 @@ def test_cpu_engine_path_matches_specification(n, n_kv):
     gen = torch.Generator().manual_seed(21)
     q, k, v = (torch.randn(s, h, 64, generator=gen) for s, h in ((n, 8), (n_kv, 2), (n_kv, 2)))
     for cfg in (PBSConfig(block_size=16, segment_size=32, threshold=0.6, permute=True),
-                PBSConfig(block_size=16, segment_size=32, budget=0.3, permute=False)):
+                PBSConfig(block_size=16, segment_size=32, budget=0.3, permute=False),
+                PBSConfig(block_size=16, segment_size=32, threshold=0.6, query_reps=4)):
         out, stats = pbs_prefill(q, k, v, cfg)
         ref, ref_stats = pbs_prefill_ref(q, k, v, cfg)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -148,7 +200,8 @@ def test_cpu_engine_path_matches_specification(n, n_kv):
 
 # the interpreter runs one program per (head, query block): a few configs also with a cached prefix
 @pytest.mark.parametrize("name, n, n_kv", [(name, 200, 260) for name in (*CONFIGS, "all")]
-                         + [(name, 70, 133) for name in ("threshold", "lse", "lse-permute", "shared-selection")])
+                         + [(name, 70, 133) for name in ("threshold", "lse", "lse-permute", "shared-selection",
+                                                         "query-reps")])
 def test_fused_choice_kernel_matches_torch(monkeypatch, name, n, n_kv):
     """The fused softmax/sort/cut/compaction kernel (interpreter) picks exactly the blocks the torch path does."""
     ps = importlib.import_module("pbs_engine.kernels.pbs_select")  # the package's `pbs_select` is the function
