@@ -95,6 +95,8 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
                     n_sel = max(int(n_sel), cfg.min_blocks or 0)
                     n_sel = min(n_sel, len(cands), cfg.max_blocks if cfg.max_blocks is not None else n_sel)
                     chosen.update(cands[:n_sel])
+                if cfg.max_blocks is not None and len(chosen) > cfg.max_blocks:  # the union's most probable
+                    chosen = set(sorted(chosen, key=lambda j: -max(mass[j] for mass in per_pool))[:cfg.max_blocks])
                 for j in forced + sorted(chosen):
                     allowed[hg, rows, order[j * bs:(j + 1) * bs]] = True
                 kept[g * group + hg] += len(forced) + len(chosen)

@@ -103,11 +103,20 @@ def _permutation(q: torch.Tensor, k: torch.Tensor, cfg: PBSConfig, scale: float,
 
 def _choose_reps(probs: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, cfg: PBSConfig) -> torch.Tensor:
     """probs (H, reps, nqb, nkb) block probabilities of each pooled query -> keep (H, nqb, nkb): the union of each
-    pooled query's threshold choice, or (budget, threshold 1) the choice by the largest probability per block."""
+    pooled query's threshold choice, at most `max_blocks` of it (those with the largest probability over the pooled
+    queries), or (budget, threshold 1) the choice by the largest probability per block."""
+    top = probs.amax(1)
     if cfg.budget is not None or cfg.threshold >= 1.0 or probs.shape[1] == 1:
-        return _choose(probs.amax(1), visible, forced, cfg)
+        return _choose(top, visible, forced, cfg)
     h, reps, nqb, nkb = probs.shape
-    return _choose(probs.reshape(h * reps, nqb, nkb), visible, forced, cfg).view(h, reps, nqb, nkb).any(1)
+    keep = _choose(probs.reshape(h * reps, nqb, nkb), visible, forced, cfg).view(h, reps, nqb, nkb).any(1)
+    if cfg.max_blocks is None:
+        return keep
+    chosen = keep & ~forced
+    ranked = top.masked_fill(~chosen, -1.0)
+    cut = ranked.sort(dim=-1, descending=True).values[..., max(cfg.max_blocks - 1, 0):max(cfg.max_blocks, 1)]
+    over = chosen.sum(-1, keepdim=True) > cfg.max_blocks
+    return forced | (chosen & ~(over & ((ranked < cut) | (cfg.max_blocks == 0))))
 
 
 def _choose(probs: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor, cfg: PBSConfig) -> torch.Tensor:
@@ -290,18 +299,22 @@ def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, dense_from, threshold, m
     n_sel = 0
     if MODE == 1:
         n_sel = tl.load(NSEL + m)
-    keep = forced
+    chosen = tl.zeros([NKB], dtype=tl.int1)
     top = tl.zeros([NKB], dtype=tl.float32)
     for r in range(REPS):
         probs = _pooled_probs(S, h * GROUP * REPS + r, m, j, real, soft, s_sh, s_sm, GROUP, REPS)
         if MODE == 0:
-            keep = keep | _threshold_keep(probs, j, forced, candidate, n_sel, n_cand, threshold, min_sel, max_sel,
-                                          MODE)
-        else:
-            top = tl.maximum(top, probs)
+            chosen = chosen | _threshold_keep(probs, j, forced, candidate, n_sel, n_cand, threshold, min_sel,
+                                              max_sel, MODE)
+        top = tl.maximum(top, probs)
     if MODE != 0:
-        keep = keep | _threshold_keep(top, j, forced, candidate, n_sel, n_cand, threshold, min_sel, max_sel, MODE)
-    keep = keep.to(tl.int32)
+        chosen = _threshold_keep(top, j, forced, candidate, n_sel, n_cand, threshold, min_sel, max_sel, MODE)
+    elif REPS > 1:  # the union may hold more than max_sel blocks: keep those with the largest probability
+        ranked = tl.where(chosen, top, -1.0)
+        cut = tl.sum(tl.where(j == tl.maximum(max_sel - 1, 0), tl.sort(ranked, descending=True), 0.0), 0)
+        over = tl.sum(chosen.to(tl.int32), 0) > max_sel
+        chosen = chosen & ((over == 0) | ((ranked >= cut) & (max_sel > 0)))
+    keep = (forced | chosen).to(tl.int32)
     slot = tl.cumsum(keep, 0) - 1
     tl.store(IDX + h * s_ih + m * s_im + slot, j, mask=keep > 0)
     tl.store(CNT + h * s_ch + m, tl.sum(keep, 0))

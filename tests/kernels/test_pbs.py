@@ -11,7 +11,7 @@ from pbs_engine.kernels import PBSConfig, flash_prefill_ref, pbs_prefill, pbs_pr
 from pbs_engine.kernels.pbs_prefill import pbs_prefill_triton
 
 SHAPES = [(7, 1, 64), (8, 2, 128)]  # (query heads, KV heads, head_dim): GQA 7:1 and 4:1
-SMALL = dict(block_size=16, segment_size=32)
+SMALL = dict(block_size=16, segment_size=32, query_reps=1)  # one pooled query per block unless a test says
 
 
 def rand(*shape, seed):
@@ -34,10 +34,11 @@ CONFIGS = {
     "lse-permute": PBSConfig(threshold=0.6, block_score="lse", **SMALL, permute=True),
     "shared-selection": PBSConfig(threshold=0.6, shared_selection=True, block_score="lse", **SMALL),
     "shared-budget": PBSConfig(budget=0.3, shared_selection=True, **SMALL, permute=True),
-    "query-reps": PBSConfig(threshold=0.6, query_reps=4, **SMALL),
-    "query-reps-mean-shared": PBSConfig(threshold=0.6, query_reps=2, block_score="mean", shared_selection=True,
-                                        **SMALL, permute=True),
-    "query-reps-budget": PBSConfig(budget=0.3, query_reps=4, **SMALL),
+    "query-reps": PBSConfig(threshold=0.6, **{**SMALL, "query_reps": 4}),
+    "query-reps-mean-shared": PBSConfig(threshold=0.6, block_score="mean", shared_selection=True,
+                                        **{**SMALL, "query_reps": 2}, permute=True),
+    "query-reps-budget": PBSConfig(budget=0.3, **{**SMALL, "query_reps": 4}),
+    "query-reps-max-blocks": PBSConfig(threshold=0.7, max_blocks=2, **{**SMALL, "query_reps": 4}),
 }
 
 
@@ -100,9 +101,10 @@ def test_dense_last_blocks_attend_to_every_key_block(last):
         assert stats.kept.tolist() == ref_stats.kept.tolist()
 
 
-def test_max_blocks_caps_the_selected_blocks():
+@pytest.mark.parametrize("reps", [1, 4])  # with 4 pooled queries the cap holds for the union of their choices
+def test_max_blocks_caps_the_selected_blocks(reps):
     q, k, v = rand(256, 2, 64, seed=17), rand(256, 1, 64, seed=18), rand(256, 1, 64, seed=19)
-    cfg = PBSConfig(threshold=0.99, max_blocks=3, dense_last_blocks=0, **SMALL, permute=True)
+    cfg = PBSConfig(threshold=0.99, max_blocks=3, dense_last_blocks=0, **{**SMALL, "query_reps": reps}, permute=True)
     sel = pbs_select(q, k, v, cfg, 0.125)
     forced = 1 + 2  # first block and the two blocks of the diagonal segment
     assert int(sel.block_count.max()) <= forced + 3
@@ -117,7 +119,7 @@ def test_permutation_lowers_density_on_scattered_heavy_keys():
     k = torch.randn(n, 1, d, generator=gen) * 0.1
     k[torch.arange(3, n, 16), 0] += direction * 0.6  # one heavy key every 16 tokens: in every block unless permuted
     v = torch.randn(n, 1, d, generator=gen)
-    cfg = PBSConfig(block_size=16, segment_size=128, threshold=0.8, permute=True)
+    cfg = PBSConfig(block_size=16, segment_size=128, threshold=0.8, permute=True, query_reps=1)
     permuted = pbs_select(q, k, v, cfg, d ** -0.5)
     plain = pbs_select(q, k, v, PBSConfig(block_size=16, segment_size=128, threshold=0.8, permute=False), d ** -0.5)
     density = [(s.kept.sum() / s.visible.sum()).item() for s in (permuted, plain)]
@@ -138,7 +140,7 @@ def test_lse_score_keeps_the_block_of_a_single_heavy_key():
     v = torch.randn(n, 1, d, generator=gen)
     last = n // 16 - 1
     for score, kept in (("mean", False), ("lse", True)):
-        cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.5, block_score=score,
+        cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.5, block_score=score, query_reps=1,
                         dense_last_blocks=0)
         sel = pbs_select(q, k, v, cfg, d ** -0.5)
         blocks = set(sel.block_idx[0, last, : sel.block_count[0, last]].tolist())
