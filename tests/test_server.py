@@ -103,6 +103,22 @@ def test_completion_returns_text_and_usage(client):
     assert res.usage.total_tokens == res.usage.prompt_tokens + 4
 
 
+def test_vllm_extra_sampling_parameters(client, smollm2):
+    """ignore_eos/min_tokens keep generating past the end of the answer; stop_token_ids end it at a given token."""
+    from pbs_engine import SamplingParams
+
+    res = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=40, temperature=0)
+    assert res.choices[0].finish_reason == "stop" and res.usage.completion_tokens < 40  # the answer ends by itself
+    for extra in ({"ignore_eos": True}, {"min_tokens": 40}):
+        res = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=40, temperature=0,
+                                             extra_body=extra)
+        assert res.choices[0].finish_reason == "length" and res.usage.completion_tokens == 40, extra
+    ids = smollm2.generate("Once upon a time", SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    res = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0,
+                                    extra_body={"stop_token_ids": [ids[1]]})
+    assert res.choices[0].finish_reason == "stop" and res.usage.completion_tokens <= 2
+
+
 def test_chat_completion_answers_the_question(client):
     res = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
     assert res.choices[0].message.role == "assistant"
@@ -208,6 +224,8 @@ BAD_REQUESTS = [
     ("negative_max_tokens", "/v1/chat/completions", {"messages": CHAT, "max_tokens": -1}, 400, "max_tokens"),
     ("too_many_logprobs", "/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("empty_stop_string", "/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("negative_stop_token_id", "/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids.0"),
+    ("negative_min_tokens", "/v1/completions", {"prompt": "hi", "min_tokens": -2}, 400, "min_tokens"),
     ("empty_prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("prompt_token_outside_vocabulary", "/v1/completions", {"prompt": [10**9]}, 400, "prompt"),
     ("unknown_model", "/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404, "model"),
