@@ -167,8 +167,7 @@ def block_lse_torch(qm: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor,
     """The "lse" block score: qm (Hkv, group, nqb, D) float32 pooled queries (`group` per KV head: its query heads
     x query_reps), keys (Hkv, Npad, D) permuted -> (Hkv x group, nqb, nkb) log-sum-exp over each key block's real
     keys of qm . k * scale (padding keys excluded), so the softmax over blocks is exactly the pooled query's
-    attention mass per block. Query-block chunks bound the
-    (group x chunk x Npad) score buffer."""
+    attention mass per block. Query-block chunks bound the (group x chunk x Npad) score buffer."""
     hkv, group, nqb, d = qm.shape
     npad = keys.shape[1]
     bs = cfg.block_size
