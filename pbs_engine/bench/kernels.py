@@ -80,18 +80,20 @@ def pbs_rows(lengths: list[int], budgets: list[float], captured: str | None) -> 
         dense_ms = _ms(lambda: flash_prefill(q, k, v, cu, cu))
         configs = [(f"budget {b:.2f}", PBSConfig(budget=b)) for b in budgets]
         configs.append(("threshold 0.9", PBSConfig(threshold=0.9)))
+        reps = PBSConfig().query_reps  # the default selection permuted, not, shared; one pooled query (paper's)
+        variants = ((True, False, reps), (False, False, reps), (False, True, reps), (False, False, 1))
         for label, cfg in configs:
-            for permute, shared in ((True, False), (False, False), (False, True)):
-                c = replace(cfg, permute=permute, shared_selection=shared)
+            for permute, shared, r in variants:
+                c = replace(cfg, permute=permute, shared_selection=shared, query_reps=r)
                 sel = pbs_select(q, k, v, c, d ** -0.5)
                 density = (sel.kept.sum() / sel.visible.sum()).item()
                 total = _ms(lambda: pbs_prefill(q, k, v, c))
                 select = _ms(lambda: pbs_select(q, k, v, c, d ** -0.5))
                 attend = _ms(lambda: pbs_attention_triton(q, sel, c, d ** -0.5))
                 row = {"source": source, "tokens": n, "heads": f"{hq}/{hkv}", "config": label,
-                       "permute": permute, "shared": shared, "density": density, "pbs_ms": total, "select_ms": select,
-                       "attend_ms": attend, "dense_ms": dense_ms, "pbs_over_dense": total / dense_ms,
-                       "target": density + 0.05}
+                       "permute": permute, "shared": shared, "query_reps": r, "density": density, "pbs_ms": total,
+                       "select_ms": select, "attend_ms": attend, "dense_ms": dense_ms,
+                       "pbs_over_dense": total / dense_ms, "target": density + 0.05}
                 if permute and source == "random":
                     row["flex_sparse_ms"] = _flex_sparse_ms(flex, BlockMask, q, k, v, sel, c)
                 rows.append(row)

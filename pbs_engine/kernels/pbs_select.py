@@ -269,11 +269,12 @@ def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, dense_from, threshold, m
                    s_sh, s_sm, s_ih, s_im, s_ch,
                    BS: tl.constexpr, SEG: tl.constexpr, LOCAL: tl.constexpr, PERMUTE: tl.constexpr,
                    MODE: tl.constexpr, NKB: tl.constexpr, GROUP: tl.constexpr, REPS: tl.constexpr,
-                   CANDIDATES_ONLY: tl.constexpr):
+                   CAP: tl.constexpr, CANDIDATES_ONLY: tl.constexpr):
     # Program (list head h, query block m): the same decision as `_choose_reps` + `_compact` for one query block:
     # per pooled query (REPS of them) the softmax of one query head's scores, or the mean of the GROUP query heads'
     # softmaxes (shared selection); the union of the pooled queries' threshold choices (MODE 0), or one choice by
     # their largest probability per block (MODE 1: budget, NSEL[m] selected blocks precomputed; 2: every candidate).
+    # CAP: max_blocks is set, so a union of several pooled queries' choices may need cutting back to max_sel.
     h = tl.program_id(0)
     m = tl.program_id(1)
     j = tl.arange(0, NKB)
@@ -308,7 +309,7 @@ def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, dense_from, threshold, m
         top = tl.maximum(top, probs)
     if MODE != 0:
         chosen = _threshold_keep(top, j, forced, candidate, n_sel, n_cand, threshold, min_sel, max_sel, MODE)
-    elif REPS > 1:  # the union may hold more than max_sel blocks: keep those with the largest probability
+    elif CAP and REPS > 1:  # the union may hold more than max_sel blocks: keep those with the largest probability
         ranked = tl.where(chosen, top, -1.0)
         cut = tl.sum(tl.where(j == tl.maximum(max_sel - 1, 0), tl.sort(ranked, descending=True), 0.0), 0)
         over = tl.sum(chosen.to(tl.int32), 0) > max_sel
@@ -343,7 +344,7 @@ def choose_triton(scores: torch.Tensor, forced: torch.Tensor, visible: torch.Ten
         cfg.max_blocks if cfg.max_blocks is not None else nkb,
         scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1), counts.stride(0),
         BS=cfg.block_size, SEG=cfg.segment_size, LOCAL=cfg.local_segments, PERMUTE=cfg.permute, MODE=mode,
-        NKB=width, GROUP=group, REPS=reps, CANDIDATES_ONLY=cfg.block_score == "lse",
+        NKB=width, GROUP=group, REPS=reps, CAP=cfg.max_blocks is not None, CANDIDATES_ONLY=cfg.block_score == "lse",
         num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
     return idx, counts
 
