@@ -205,7 +205,7 @@ def _block_lse_kernel(QM, K, POS, S, n_rows, n_kv, prefix, qk_scale, s_qh, s_qr,
         rows = r0 + tl.arange(0, BLOCK_R)
         qm = tl.load(QM + g * s_qh + rows[:, None] * s_qr + offs_d[None, :], mask=(rows < n_rows)[:, None],
                      other=0.0)
-        s = tl.where(live[None, :], tl.dot(qm.to(k.dtype), tl.trans(k)) * qk_scale, float("-inf"))
+        s = tl.where(live[None, :], tl.dot(qm, tl.trans(k)) * qk_scale, float("-inf"))
         top = tl.max(s, 1)
         top = tl.where(top == float("-inf"), 0.0, top)
         lse = (top + tl.log2(tl.sum(tl.exp2(s - top[:, None]), 1))) * 0.6931471805599453
@@ -213,19 +213,22 @@ def _block_lse_kernel(QM, K, POS, S, n_rows, n_kv, prefix, qk_scale, s_qh, s_qr,
 
 
 def block_lse_triton(qm: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor, n_kv: int, prefix: int,
-                     cfg: PBSConfig, scale: float) -> torch.Tensor:
-    """`block_lse_torch` in one Triton kernel; blocks a query block cannot see stay -inf."""
+                     cfg: PBSConfig, scale: float, tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """`block_lse_torch` in one Triton kernel; blocks a query block cannot see stay -inf. The pooled queries are
+    cast to the keys' dtype once (the kernel's dot takes that dtype), halving what every program streams; `tiles`
+    = (BLOCK_R, num_warps, num_stages) overrides the launch shape (benchmarks)."""
     hkv, group, nqb, d = qm.shape
     npad = keys.shape[1]
     nkb = npad // cfg.block_size
-    rows = qm.permute(0, 2, 1, 3).reshape(hkv, nqb * group, d)  # query-block major: causal skipping is a prefix
+    rows = qm.to(keys.dtype).permute(0, 2, 1, 3).reshape(hkv, nqb * group, d)  # query-block major: causal
+    # skipping is a prefix of the rows
     out = torch.full((hkv * group, nqb, nkb), float("-inf"), dtype=torch.float32, device=qm.device)
-    on_gpu = qm.device.type == "cuda"
+    block_r, warps, stages = tiles or ((64, 4, 2) if qm.device.type == "cuda" else (16, 1, 1))
     _block_lse_kernel[(hkv, nkb)](
         rows, keys, key_pos, out, nqb * group, n_kv, prefix, scale * 1.4426950408889634,
         rows.stride(0), rows.stride(1), keys.stride(0), keys.stride(1), key_pos.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=d, BS=cfg.block_size, SEG=cfg.segment_size, PERMUTE=cfg.permute,
-        BLOCK_R=64 if on_gpu else 16, num_warps=4 if on_gpu else 1, num_stages=2 if on_gpu else 1)
+        BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     return out
 
 
