@@ -126,6 +126,17 @@ def test_permutation_lowers_density_on_scattered_heavy_keys():
     assert density[0] < density[1] * 0.85, density
 
 
+def check_last_block_keeps(q, k, v, cfg, block, kept):
+    """The last query block keeps key block `block` exactly when `kept`; the engine path equals the reference."""
+    sel = pbs_select(q, k, v, cfg, q.shape[-1] ** -0.5)
+    last = sel.block_count.shape[1] - 1
+    blocks = set(sel.block_idx[0, last, : sel.block_count[0, last]].tolist())
+    assert (block in blocks) == kept, (cfg, sorted(blocks))
+    ref, _ = pbs_prefill_ref(q, k, v, cfg)
+    out, _ = pbs_prefill(q, k, v, cfg)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_lse_score_keeps_the_block_of_a_single_heavy_key():
     """One key that the queries attend to strongly, among 15 ordinary keys of its block, against five blocks of
     mildly relevant keys: by mean-pooled keys the mild blocks win and the threshold is reached without the heavy
@@ -138,16 +149,10 @@ def test_lse_score_keeps_the_block_of_a_single_heavy_key():
     k[32:112, 0] += direction * 4  # blocks 2-6: every key scores 2 (scaled)
     k[165, 0] += direction * 16  # block 10: one key scores 8
     v = torch.randn(n, 1, d, generator=gen)
-    last = n // 16 - 1
     for score, kept in (("mean", False), ("lse", True)):
         cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.5, block_score=score, query_reps=1,
                         dense_last_blocks=0)
-        sel = pbs_select(q, k, v, cfg, d ** -0.5)
-        blocks = set(sel.block_idx[0, last, : sel.block_count[0, last]].tolist())
-        assert (10 in blocks) == kept, (score, sorted(blocks))
-        ref, _ = pbs_prefill_ref(q, k, v, cfg)
-        out, _ = pbs_prefill(q, k, v, cfg)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        check_last_block_keeps(q, k, v, cfg, 10, kept)
 
 
 def test_query_reps_keep_the_block_a_few_queries_look_for():
@@ -163,15 +168,9 @@ def test_query_reps_keep_the_block_a_few_queries_look_for():
     k[32:112, 0] += a * 4  # blocks 2-6: mildly relevant to most queries
     k[165, 0] += b * 16  # block 10: one key, strongly relevant to the two
     v = torch.randn(n, 1, d, generator=gen)
-    last = n // 16 - 1
     for reps, kept in ((1, False), (4, True)):
         cfg = PBSConfig(block_size=16, segment_size=32, threshold=0.5, query_reps=reps, dense_last_blocks=0)
-        sel = pbs_select(q, k, v, cfg, d ** -0.5)
-        blocks = set(sel.block_idx[0, last, : sel.block_count[0, last]].tolist())
-        assert (10 in blocks) == kept, (reps, sorted(blocks))
-        ref, _ = pbs_prefill_ref(q, k, v, cfg)
-        out, _ = pbs_prefill(q, k, v, cfg)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        check_last_block_keeps(q, k, v, cfg, 10, kept)
 
 
 @pytest.mark.parametrize("field, kwargs", [("segment_size", dict(block_size=128, segment_size=192)),
