@@ -47,7 +47,7 @@ def summary(results: dict) -> str:
             rel = (r["nll"] / dense[r["tokens"]] - 1) * 100
             lines.append(f"| {r['tokens']} | {r['method']} | {r['nll']:.4f} | {rel:+.2f}% | "
                          f"{r['top1_agreement'] * 100:.2f}% | {r['kl_from_dense']:.4f} | "
-                         f"{r.get('top1_agreement_all', float('nan')) * 100:.2f}% | {r['density']:.3f} | "
+                         f"{r['top1_agreement_all'] * 100:.2f}% | {r['density']:.3f} | "
                          f"{r['prefill_s']:.3f} |")
         lines.append("")
     if results.get("needle"):

@@ -220,8 +220,8 @@ def block_lse_triton(qm: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor
     hkv, group, nqb, d = qm.shape
     npad = keys.shape[1]
     nkb = npad // cfg.block_size
-    rows = qm.to(keys.dtype).permute(0, 2, 1, 3).reshape(hkv, nqb * group, d)  # query-block major: causal
-    # skipping is a prefix of the rows
+    # query-block major rows, so the query blocks that cannot see a key block are a prefix the kernel skips
+    rows = qm.to(keys.dtype).permute(0, 2, 1, 3).reshape(hkv, nqb * group, d)
     out = torch.full((hkv * group, nqb, nkb), float("-inf"), dtype=torch.float32, device=qm.device)
     block_r, warps, stages = tiles or ((64, 4, 2) if qm.device.type == "cuda" else (16, 1, 1))
     _block_lse_kernel[(hkv, nkb)](
@@ -309,7 +309,8 @@ def _choose_kernel(S, NSEL, IDX, CNT, n_q, prefix, nkb, dense_from, threshold, m
         if MODE == 0:
             chosen = chosen | _threshold_keep(probs, j, forced, candidate, n_sel, n_cand, threshold, min_sel,
                                               max_sel, MODE)
-        top = tl.maximum(top, probs)
+        if MODE != 0 or CAP:  # the largest probability over pooled queries: the budget's ranking, the union's cap
+            top = tl.maximum(top, probs)
     if MODE != 0:
         chosen = _threshold_keep(top, j, forced, candidate, n_sel, n_cand, threshold, min_sel, max_sel, MODE)
     elif CAP and REPS > 1:  # the union may hold more than max_sel blocks: keep those with the largest probability
