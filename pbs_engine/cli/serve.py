@@ -22,6 +22,8 @@ def register(sub) -> None:
                    help="the model id clients pass as `model` (default: --model, or the embedded model's alias)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests allowed to wait for their first token; more get 503 (default: 256)")
+    p.add_argument("--max-request-bytes", type=int, default=32 << 20,
+                   help="largest request body accepted; larger ones get 413 (default: 32 MiB)")
     p.add_argument("--max-num-seqs", type=int, default=128, help="requests decoded together in one batch")
     p.add_argument("--verbose", "-v", action="store_true", help="log every HTTP request")
     add_model_args(p)
@@ -45,9 +47,15 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port {args.port} is not a TCP port")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty (or PBS_ENGINE_API_KEY is set to nothing): give a key, or leave both "
+                         "out to serve without authentication")
+    if args.max_request_bytes < 1:
+        raise ValueError(f"--max-request-bytes {args.max_request_bytes} must be >= 1")
     llm = LLM(**llm_kwargs(args), max_num_seqs=args.max_num_seqs)
     name = served_name(args)
-    app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
+    app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue,
+                     max_request_bytes=args.max_request_bytes)
     print(f"pbs-engine: serving {name!r} at http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",

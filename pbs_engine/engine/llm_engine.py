@@ -2,26 +2,22 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 from pbs_engine.engine.block_manager import BlockManager
 from pbs_engine.engine.config import EngineConfig
+from pbs_engine.engine.errors import InvalidRequest
 from pbs_engine.engine.model_runner import ModelRunner
 from pbs_engine.engine.model_source import resolve_model
 from pbs_engine.engine.outputs import CompletionOutput, RequestOutput
 from pbs_engine.engine.sampling_params import SamplingParams
-from pbs_engine.engine.scheduler import Scheduler
+from pbs_engine.engine.scheduler import ScheduledBatch, Scheduler
 from pbs_engine.engine.sequence import Sequence
 from pbs_engine.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from pbs_engine.models.config import ModelConfig
 
-
-class StepError(RuntimeError):
-    """A batch failed on the device; names the requests it held so only they need failing."""
-
-    def __init__(self, request_ids: list[str], cause: Exception):
-        super().__init__(f"{type(cause).__name__}: {cause}")
-        self.request_ids = request_ids
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -46,25 +42,31 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Raise ValueError naming the problem if the request cannot run; nothing is queued."""
+        """Raise InvalidRequest naming the field at fault if the request cannot run; nothing is queued."""
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("prompt", "the prompt is empty")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        for name, ids in (("prompt", prompt_ids), ("stop_token_ids", params.stop_token_ids)):
+            bad = next((t for t in ids if type(t) is not int or not 0 <= t < vocab), None)
+            if bad is not None:
+                what = "prompt token id" if name == "prompt" else "stop token id"
+                raise InvalidRequest(name, f"{what} {bad!r} is outside the vocabulary [0, {vocab})")
         limit = self.config.max_model_len
+        if len(prompt_ids) >= limit:
+            raise InvalidRequest("prompt", f"the prompt is {len(prompt_ids)} tokens; max_model_len={limit} leaves "
+                                           f"no room for an answer", code="context_length_exceeded")
         wanted = len(prompt_ids) + (params.max_tokens or 1)
         if wanted > limit:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens plus max_tokens={params.max_tokens} is "
-                             f"{wanted} tokens, more than max_model_len={limit}")
+            raise InvalidRequest("max_tokens", f"prompt of {len(prompt_ids)} tokens plus max_tokens={params.max_tokens}"
+                                               f" is {wanted} tokens, more than max_model_len={limit}",
+                                 code="context_length_exceeded")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None,
                     request_id: str | None = None) -> str:
         self.validate(prompt_ids, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequest("request_id", f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt, prompt_ids, params)
         seq.max_tokens = params.max_tokens or self.config.max_model_len - len(prompt_ids)
         eos = set() if params.ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_token_ids)
@@ -89,7 +91,8 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return an output for every request that produced text or finished in it."""
+        """Run one batch; return an output for every request that produced text or finished in it. A request the
+        batch fails on is finished with finish_reason "error" (its output's `error` says why); the rest carry on."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -97,21 +100,37 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.metrics.first_scheduled_time is None:
                 seq.metrics.first_scheduled_time = now
-        try:
-            tokens = self.runner.step(batch, self._decode_token)
-        except Exception as e:
-            raise StepError([s.request_id for s in batch.seqs], e) from e
+        tokens, errors = self._run(batch)
         self.scheduler.after_step(batch)
         outputs = []
-        for seq, tok in zip(batch.seqs, tokens):
-            if tok is None:
+        for seq, tok, error in zip(batch.seqs, tokens, errors):
+            if error is not None:
+                seq.finish_reason, seq.error = "error", error
+            elif tok is None:
                 continue
-            self._append(seq, tok)
+            else:
+                self._append(seq, tok)
             if seq.finish_reason is not None:
                 self._finish(seq)
                 self.seqs.pop(seq.request_id, None)
             outputs.append(self._output(seq))
         return outputs
+
+    def _run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[str | None]]:
+        """The runner's tokens for the batch; if the batch fails, each sequence runs alone so that the failure is
+        pinned on the requests that cause it (their error message in the second list)."""
+        try:
+            return self.runner.step(batch, self._decode_token), [None] * len(batch.seqs)
+        except Exception as e:
+            if len(batch.seqs) == 1:
+                logger.exception("request %s failed in the engine", batch.seqs[0].request_id)
+                return [None], [f"{type(e).__name__}: {e}"]
+        tokens, errors = [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            tok, error = self._run(ScheduledBatch([seq], [n], batch.is_prefill))
+            tokens += tok
+            errors += error
+        return tokens, errors
 
     def _decode_token(self, token_id: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -169,7 +188,7 @@ class LLMEngine:
             logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
         return RequestOutput(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_ids,
                              prompt_logprobs=seq.prompt_logprobs, outputs=[completion],
-                             finished=seq.finish_reason is not None, metrics=seq.metrics)
+                             finished=seq.finish_reason is not None, metrics=seq.metrics, error=seq.error)
 
     def stats(self) -> dict:
         return {

