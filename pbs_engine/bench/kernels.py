@@ -134,7 +134,7 @@ def capture_qkv(model: str, lengths: list[int], layer: int | None) -> dict:
 
     llm = LLM(model=model, attention="dense", max_model_len=max(lengths), num_kv_blocks=max(lengths) // 256 + 1,
               enforce_eager=True)
-    net = llm.engine.runner.model
+    net = llm.model
     layers = net.attention_layers()
     target = layers[len(layers) // 2 if layer is None else layer]
     ids = llm.get_tokenizer().encode(stdlib_text(min_chars=5 * max(lengths)), add_special_tokens=False)

@@ -121,8 +121,7 @@ def run_prefill(args: argparse.Namespace) -> int:
     for n in lengths:
         ids = _random_ids(n, cfg["vocab_size"], n)
         for name, (attention, pbs) in methods.items():
-            llm.engine.config.attention = attention
-            llm.engine.config.pbs = pbs or llm.engine.config.pbs
+            llm.set_prefill_attention(attention, pbs)
             torch.cuda.reset_peak_memory_stats()
             ttft = float("inf")
             for _ in range(args.repeats):  # the first run of a new shape pays Triton's JIT compilation

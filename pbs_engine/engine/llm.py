@@ -3,12 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from pathlib import Path
+
+import torch
+from torch import nn
+
 from pbs_engine.engine.config import EngineConfig
 from pbs_engine.engine.llm_engine import LLMEngine
 from pbs_engine.engine.outputs import RequestOutput
 from pbs_engine.engine.sampling_params import SamplingParams
 from pbs_engine.engine.tokenizer import Tokenizer
-
+from pbs_engine.kernels import PBSConfig
 
 
 class LLM:
@@ -22,6 +27,29 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
+
+    @property
+    def model(self) -> nn.Module:
+        """The loaded model (its `attention_layers()` take hooks; eval and bench run prompts through it)."""
+        return self.engine.runner.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.runner.device
+
+    @property
+    def model_dir(self) -> Path:
+        return self.engine.model_dir
+
+    def set_prefill_attention(self, attention: str, pbs: PBSConfig | None = None) -> None:
+        """Switch the prefill attention of the requests scheduled from now on: "dense", or "pbs" with `pbs`
+        (None keeps the current PBS settings)."""
+        if attention not in ("pbs", "dense"):
+            raise ValueError(f"attention={attention!r}: choose 'pbs' or 'dense'")
+        if pbs is not None and not isinstance(pbs, PBSConfig):
+            raise TypeError(f"pbs must be a PBSConfig, not {type(pbs).__name__}")
+        self.config.attention = attention
+        self.config.pbs = pbs or self.config.pbs
 
     def stats(self) -> dict:
         return self.engine.stats()

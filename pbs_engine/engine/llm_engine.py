@@ -10,11 +10,12 @@ from pbs_engine.engine.config import EngineConfig
 from pbs_engine.engine.errors import InvalidRequest
 from pbs_engine.engine.model_runner import ModelRunner
 from pbs_engine.engine.model_source import resolve_model
-from pbs_engine.engine.outputs import CompletionOutput, RequestOutput
+from pbs_engine.engine.output_processor import OutputProcessor
+from pbs_engine.engine.outputs import RequestOutput
 from pbs_engine.engine.sampling_params import SamplingParams
 from pbs_engine.engine.scheduler import ScheduledBatch, Scheduler
 from pbs_engine.engine.sequence import Sequence
-from pbs_engine.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from pbs_engine.engine.tokenizer import Tokenizer
 from pbs_engine.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.chunked_prefill)
+        self.output_processor = OutputProcessor(self.tokenizer, config.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
 
@@ -68,11 +70,7 @@ class LLMEngine:
         if request_id in self.seqs:
             raise InvalidRequest("request_id", f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt, prompt_ids, params)
-        seq.max_tokens = params.max_tokens or self.config.max_model_len - len(prompt_ids)
-        eos = set() if params.ignore_eos or self.tokenizer is None else set(self.tokenizer.eos_token_ids)
-        seq.stop_ids = set(params.stop_token_ids) | eos
-        if self.tokenizer is not None:
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens)
+        self.output_processor.add(seq)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -84,7 +82,7 @@ class LLMEngine:
             return None
         seq.finish_reason = "abort"
         self._finish(seq)
-        return self._output(seq)
+        return self.output_processor.output(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -109,18 +107,18 @@ class LLMEngine:
             elif tok is None:
                 continue
             else:
-                self._append(seq, tok)
+                self.output_processor.append(seq, tok)
             if seq.finish_reason is not None:
                 self._finish(seq)
                 self.seqs.pop(seq.request_id, None)
-            outputs.append(self._output(seq))
+            outputs.append(self.output_processor.output(seq))
         return outputs
 
     def _run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[str | None]]:
         """The runner's tokens for the batch; if the batch fails, each sequence runs alone so that the failure is
         pinned on the requests that cause it (their error message in the second list)."""
         try:
-            return self.runner.step(batch, self._decode_token), [None] * len(batch.seqs)
+            return self.runner.step(batch), [None] * len(batch.seqs)
         except Exception as e:
             if len(batch.seqs) == 1:
                 logger.exception("request %s failed in the engine", batch.seqs[0].request_id)
@@ -132,63 +130,10 @@ class LLMEngine:
             errors += error
         return tokens, errors
 
-    def _decode_token(self, token_id: int) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _append(self, seq: Sequence, tok: int) -> None:
-        now = time.time()
-        if seq.metrics.first_token_time is None:
-            seq.metrics.first_token_time = now
-        seq.output_ids.append(tok)
-        seq.metrics.num_generated_tokens = len(seq.output_ids)
-        if seq.pending_logprobs is not None:
-            seq.cumulative_logprob += seq.pending_logprobs[tok].logprob
-            seq.logprobs.append(seq.pending_logprobs)
-            seq.pending_logprobs = None
-        seq.new_text = seq.detokenizer.step(tok) if seq.detokenizer is not None else ""
-        seq.text += seq.new_text
-        if tok in seq.stop_ids and len(seq.output_ids) >= seq.params.min_tokens:
-            seq.finish_reason = "stop"
-            seq.stop_reason = tok if tok in seq.params.stop_token_ids else None
-        elif seq.params.stop_list and seq.new_text and len(seq.output_ids) >= seq.params.min_tokens:
-            self._check_stop_strings(seq)
-        if seq.finish_reason is None and (len(seq.output_ids) >= seq.max_tokens or
-                                          len(seq) >= self.config.max_model_len):
-            seq.finish_reason = "length"
-
-    @staticmethod
-    def _check_stop_strings(seq: Sequence) -> None:
-        window = len(seq.new_text) + max(len(s) for s in seq.params.stop_list)
-        start = max(0, len(seq.text) - window)
-        hits = [(seq.text.find(s, start), s) for s in seq.params.stop_list]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if not hits:
-            return
-        index, stop = min(hits)
-        cut = index + len(stop) if seq.params.include_stop_str_in_output else index
-        emitted = len(seq.text) - len(seq.new_text)
-        seq.text = seq.text[:cut]
-        seq.new_text = seq.text[emitted:]
-        seq.finish_reason, seq.stop_reason = "stop", stop
-
     def _finish(self, seq: Sequence) -> None:
         seq.metrics.finished_time = time.time()
         self.scheduler.finish(seq)
         self.runner.sampler.release(seq)
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        text = seq.text
-        if seq.finish_reason is None and seq.params.stop_list:
-            # hold back what could still become a stop string, so streamed text never shows part of one
-            hold = max(len(s) for s in seq.params.stop_list) - 1
-            text = text[:max(0, len(text) - hold)]
-        completion = CompletionOutput(
-            index=0, text=text, token_ids=list(seq.output_ids),
-            cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-            logprobs=seq.logprobs, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason)
-        return RequestOutput(request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_ids,
-                             prompt_logprobs=seq.prompt_logprobs, outputs=[completion],
-                             finished=seq.finish_reason is not None, metrics=seq.metrics, error=seq.error)
 
     def stats(self) -> dict:
         return {

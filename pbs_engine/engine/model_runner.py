@@ -106,7 +106,7 @@ class ModelRunner:
         return as_tensor(ids), as_tensor(positions), meta
 
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch, decode_token) -> list[int | None]:
+    def step(self, batch: ScheduledBatch) -> list[int | None]:
         """Run one scheduled batch; returns the sampled token of each sequence whose pending tokens are all done
         (None for a prefill chunk that leaves more of its prompt to compute)."""
         ids, positions, meta = self.prepare(batch)
@@ -118,7 +118,7 @@ class ModelRunner:
                             device=self.device).cumsum(0) - 1
         sample_rows = [i for i in range(len(batch.seqs)) if batch.completes_prompt(i)]
         if batch.is_prefill:
-            self._prompt_logprobs(batch, hidden, ends, decode_token)
+            self._prompt_logprobs(batch, hidden, ends)
         result: list[int | None] = [None] * len(batch.seqs)
         if not sample_rows:
             return result
@@ -129,13 +129,13 @@ class ModelRunner:
             lps = torch.log_softmax(logits, dim=-1)
             for j, seq in enumerate(seqs):
                 if seq.params.logprobs is not None:
-                    row = top_logprobs(lps[j:j + 1], tokens[j:j + 1], seq.params.logprobs, decode_token)[0]
+                    row = top_logprobs(lps[j:j + 1], tokens[j:j + 1], seq.params.logprobs)[0]
                     seq.pending_logprobs = row
         for i, tok in zip(sample_rows, tokens.tolist()):
             result[i] = tok
         return result
 
-    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor, ends: torch.Tensor, decode_token):
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor, ends: torch.Tensor) -> None:
         """Log-probs of each prompt token given its prefix, for requests that asked (first computation only)."""
         for seq, n, end in zip(batch.seqs, batch.num_tokens, ends.tolist()):
             begin, first = end - n + 1, seq.num_computed_tokens
@@ -150,4 +150,4 @@ class ModelRunner:
                     rows = hidden[begin + (c0 - first):begin + (c1 - first)]
                     lps = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
                     targets = torch.tensor(seq.prompt_ids[c0 + 1:c1 + 1], device=self.device)
-                    seq.prompt_logprobs += top_logprobs(lps, targets, seq.params.prompt_logprobs, decode_token)
+                    seq.prompt_logprobs += top_logprobs(lps, targets, seq.params.prompt_logprobs)

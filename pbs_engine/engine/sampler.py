@@ -90,16 +90,17 @@ class Sampler:
         return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int, decode) -> list[PositionLogprobs]:
-    """logprobs (N, V) log-softmaxed, chosen (N,) -> per row {token: Logprob} with the chosen token and top-k."""
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, k: int) -> list[PositionLogprobs]:
+    """logprobs (N, V) log-softmaxed, chosen (N,) -> per row {token: Logprob} with the chosen token and top-k
+    (their text is decoded by the output processor)."""
     chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1)
     ranks = (logprobs > chosen_lp[:, None]).sum(dim=1) + 1
     top_lp, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
     rows = []
     for c, lp, r, ids, lps in zip(chosen.tolist(), chosen_lp.tolist(), ranks.tolist(), top_ids.tolist(),
                                   top_lp.tolist()):
-        row = {c: Logprob(lp, r, decode(c))}
+        row = {c: Logprob(lp, r)}
         for rank, (t, v) in enumerate(zip(ids, lps), start=1):
-            row.setdefault(t, Logprob(v, rank, decode(t)))
+            row.setdefault(t, Logprob(v, rank))
         rows.append(row)
     return rows

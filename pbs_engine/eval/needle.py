@@ -14,9 +14,7 @@ def needle_accuracy(llm, haystack_ids: list[int], methods: dict, lengths: list[i
     prompts = [passkey_prompt(haystack_ids, tok, n, d, seed=1000 * k + s, num_keys=k) for n, d, k, s in cases]
     rows = []
     for name, (attention, pbs) in methods.items():
-        llm.engine.config.attention = attention
-        if pbs is not None:
-            llm.engine.config.pbs = pbs
+        llm.set_prefill_attention(attention, pbs)
         outs = llm.chat([[{"role": "user", "content": p}] for p, _ in prompts], params)
         for (n, d, k, s), (_, answer), out in zip(cases, prompts, outs):
             rows.append({"method": name, "tokens": n, "depth": d, "keys": k, "seed": s,

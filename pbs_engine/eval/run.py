@@ -16,14 +16,14 @@ from pbs_engine.eval.text import stdlib_text
 def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float], needle_lengths: list[int],
              depths: list[float], needle_seeds: int, out_dir: Path, variants: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = llm.engine.runner.model
+    model = llm.model
     tok = llm.get_tokenizer()
-    base = llm.engine.config.pbs
+    base = llm.config.pbs
     table = method_table(base, thresholds, variants)
     ids = tok.encode(stdlib_text(min_chars=5 * max(lengths + needle_lengths)), add_special_tokens=False)
     if len(ids) < max(lengths):
         raise ValueError(f"only {len(ids)} tokens of text for --lengths up to {max(lengths)}")
-    results: dict = {"model": str(llm.engine.model_dir), "device": _device_name(llm), "config": asdict(base)}
+    results: dict = {"model": str(llm.model_dir), "device": _device_name(llm), "config": asdict(base)}
     if "lm" in tasks:
         results["lm"] = [row for n in lengths for row in lm_fidelity(model, ids[:n], table, last=min(1024, n // 2))]
     if "attention" in tasks:
@@ -67,5 +67,5 @@ def summary(results: dict) -> str:
 
 
 def _device_name(llm) -> str:
-    dev = llm.engine.runner.device
+    dev = llm.device
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

@@ -20,7 +20,7 @@ from pbs_engine.engine.tokenizer import ChatTemplateError
 from pbs_engine.server.async_engine import AsyncEngine, EngineError
 from pbs_engine.server.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from pbs_engine.server.errors import APIError, install_error_handlers
-from pbs_engine.server.metrics import Metrics
+from pbs_engine.server.metrics import CONTENT_TYPE, Metrics
 from pbs_engine.server.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                                         ErrorResponse, SamplingRequest, TokenizeRequest)
 from pbs_engine.server.responses import DONE, Job, sse
@@ -84,8 +84,7 @@ def create_app(engine_or_llm, served_model_name: str, api_key: str | None = None
              responses={200: {"description": "Prometheus text exposition format 0.0.4",
                               "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> PlainTextResponse:
-        text = runner.metrics.render(runner.stats, runner.num_waiting)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(runner.metrics.render(runner.stats, runner.num_waiting), media_type=CONTENT_TYPE)
 
     @v1.get("/models")
     async def models() -> dict:

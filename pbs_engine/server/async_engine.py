@@ -83,7 +83,7 @@ class AsyncEngine:
         if not self.alive:
             raise APIError(503, "the engine loop is not running", code="engine_dead")
         if self.num_waiting + len(prompts) > self.max_queue:
-            self.metrics.rejected += 1
+            self.metrics.rejected.inc()
             raise APIError(503, f"the server is busy: {self.num_waiting} requests are already waiting "
                                 f"(--max-queue {self.max_queue}); retry later", code="queue_full")
         ids = [f"{request_id}-{i}" for i in range(len(prompts))]
@@ -170,7 +170,7 @@ class AsyncEngine:
             if out.finished:
                 self._live.discard(out.request_id)
                 if out.error is not None:
-                    self.metrics.failed += 1
+                    self.metrics.failed.inc()
                 else:
                     self.metrics.record(out)
         self.stats = self.engine.stats()  # before delivering: a client that saw an output sees the cache it used
@@ -184,6 +184,6 @@ class AsyncEngine:
             except Exception:
                 logger.exception("could not abort request %s", rid)
         self._live.difference_update(failed)
-        self.metrics.failed += len(failed)
+        self.metrics.failed.inc(len(failed))
         self.stats = self.engine.stats()
         self._loop.call_soon_threadsafe(self._fail, failed, error)
