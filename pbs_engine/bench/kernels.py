@@ -7,16 +7,12 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-import triton
 
+from pbs_engine.bench.common import gpu_ms, graph_ms, numbers, print_table, versions, write_json
 from pbs_engine.kernels import PBSConfig, flash_prefill, paged_decode, pbs_prefill, pbs_select
 from pbs_engine.kernels.pbs_prefill import pbs_attention_triton
 
 SHAPES = {"qwen2.5-7b": (28, 4, 128), "llama-3.1-8b": (32, 8, 128)}
-
-
-def _ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def _tflops(n: int, hq: int, d: int, ms: float, density: float = 1.0) -> float:
@@ -39,19 +35,19 @@ def dense_rows(lengths: list[int]) -> list[dict]:
         for n in lengths:
             q, k, v = _qkv(n, hq, hkv, d)
             cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-            ours = _ms(lambda: flash_prefill(q, k, v, cu, cu))
+            ours = gpu_ms(lambda: flash_prefill(q, k, v, cu, cu))
             qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
             kr, vr = (x.repeat_interleave(hq // hkv, 1) for x in (kt, vt))
             row = {"shape": shape, "tokens": n, "ours_ms": ours, "ours_tflops": _tflops(n, hq, d, ours)}
             for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                 try:
                     with sdpa_kernel(backend):
-                        row[f"{name}_ms"] = _ms(lambda: F.scaled_dot_product_attention(qt, kr, vr, is_causal=True))
+                        row[f"{name}_ms"] = gpu_ms(lambda: F.scaled_dot_product_attention(qt, kr, vr, is_causal=True))
                 except RuntimeError as e:
                     row[f"{name}_ms"] = None
                     print(f"sdpa {name} failed: {e}")
             mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n, _compile=True)
-            row["flex_ms"] = _ms(lambda: flex(qt, kt, vt, block_mask=mask, enable_gqa=True))
+            row["flex_ms"] = gpu_ms(lambda: flex(qt, kt, vt, block_mask=mask, enable_gqa=True))
             for peer in ("cudnn", "flash", "flex"):
                 if row.get(f"{peer}_ms"):
                     row[f"vs_{peer}"] = row[f"{peer}_ms"] / ours
@@ -77,7 +73,7 @@ def pbs_rows(lengths: list[int], budgets: list[float], captured: str | None) -> 
     for n, q, k, v, source in inputs:
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
         cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-        dense_ms = _ms(lambda: flash_prefill(q, k, v, cu, cu))
+        dense_ms = gpu_ms(lambda: flash_prefill(q, k, v, cu, cu))
         configs = [(f"budget {b:.2f}", PBSConfig(budget=b)) for b in budgets]
         configs.append(("threshold 0.9", PBSConfig(threshold=0.9)))
         reps = PBSConfig().query_reps  # the default selection permuted, not, shared; one pooled query (paper's)
@@ -87,22 +83,22 @@ def pbs_rows(lengths: list[int], budgets: list[float], captured: str | None) -> 
                 c = replace(cfg, permute=permute, shared_selection=shared, query_reps=r)
                 sel = pbs_select(q, k, v, c, d ** -0.5)
                 density = (sel.kept.sum() / sel.visible.sum()).item()
-                total = _ms(lambda: pbs_prefill(q, k, v, c))
-                select = _ms(lambda: pbs_select(q, k, v, c, d ** -0.5))
-                attend = _ms(lambda: pbs_attention_triton(q, sel, c, d ** -0.5))
+                total = gpu_ms(lambda: pbs_prefill(q, k, v, c))
+                select = gpu_ms(lambda: pbs_select(q, k, v, c, d ** -0.5))
+                attend = gpu_ms(lambda: pbs_attention_triton(q, sel, c, d ** -0.5))
                 row = {"source": source, "tokens": n, "heads": f"{hq}/{hkv}", "config": label,
                        "permute": permute, "shared": shared, "query_reps": r, "density": density, "pbs_ms": total,
                        "select_ms": select, "attend_ms": attend, "dense_ms": dense_ms,
                        "pbs_over_dense": total / dense_ms, "target": density + 0.05}
                 if permute and source == "random":
-                    row["flex_sparse_ms"] = _flex_sparse_ms(flex, BlockMask, q, k, v, sel, c)
+                    row["flex_sparse_ms"] = _flex_sparsegpu_ms(flex, BlockMask, q, k, v, sel, c)
                 rows.append(row)
         del q, k, v
         torch.cuda.empty_cache()
     return rows
 
 
-def _flex_sparse_ms(flex, BlockMask, q, k, v, sel, cfg) -> float:
+def _flex_sparsegpu_ms(flex, BlockMask, q, k, v, sel, cfg) -> float:
     """FlexAttention's block-sparse kernel alone, with our kept-block list precomputed as its mask (per KV group
     head 0's pattern shared across the group is not assumed: one mask row per query head)."""
     n, hq, _ = q.shape
@@ -123,7 +119,7 @@ def _flex_sparse_ms(flex, BlockMask, q, k, v, sel, cfg) -> float:
         return pos[h, ki] <= qi + sel.q_offset
 
     mask = BlockMask.from_kv_blocks(counts, idx, BLOCK_SIZE=cfg.block_size, mask_mod=mask_mod, seq_lengths=(npad, npad))
-    return _ms(lambda: flex(qt, kp, vp, block_mask=mask))
+    return gpu_ms(lambda: flex(qt, kp, vp, block_mask=mask))
 
 
 def capture_qkv(model: str, lengths: list[int], layer: int | None) -> dict:
@@ -163,7 +159,7 @@ def decode_rows(contexts: list[int], batches: list[int]) -> list[dict]:
     page = 256
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    copy_bw = 2 * src.numel() / (_ms(lambda: dst.copy_(src)) * 1e-3)
+    copy_bw = 2 * src.numel() / (gpu_ms(lambda: dst.copy_(src)) * 1e-3)
     del src, dst
     rows = []
     for b in batches:
@@ -177,24 +173,15 @@ def decode_rows(contexts: list[int], batches: list[int]) -> list[dict]:
             lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
             q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
             step = lambda: paged_decode(q, kc, vc, tables, lens)  # noqa: E731
-            eager = _ms(step)
+            eager = gpu_ms(step)
             # the engine replays decode from CUDA graphs, so the GPU time (no launch overhead) is the figure
-            ms = triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median")
+            ms = graph_ms(step)
             bw = 2 * b * ctx * hkv * d * 2 / (ms * 1e-3)
             rows.append({"batch": b, "context": ctx, "eager_ms": eager, "graph_ms": ms, "TB_per_s": bw / 1e12,
                          "fraction_of_copy": bw / copy_bw, "copy_TB_per_s": copy_bw / 1e12})
             del kc, vc
             torch.cuda.empty_cache()
     return rows
-
-
-def _print(title, rows):
-    from pbs_engine.bench.runtime import _print as table
-
-    if rows:
-        cols = list(dict.fromkeys(c for r in rows for c in r))
-        table(title, rows, cols)
-        print()
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -209,6 +196,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real-layer", type=int, default=None, help="layer to capture (default: the middle one)")
     p.add_argument("--decode-contexts", default="4096,16384,65536,131072")
     p.add_argument("--decode-batches", default="1,64")
+    p.add_argument("--json", default=None, help="also write every table's rows to this JSON file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,21 +206,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = numbers(args.lengths, "--lengths")
     parts = args.parts.split(",")
     torch._dynamo.config.recompile_limit = 1000  # FlexAttention recompiles per shape and per mask
     torch._dynamo.config.accumulated_recompile_limit = 10000
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"device: {torch.cuda.get_device_name()}, {versions()}")
+    tables: dict[str, list[dict]] = {}
     if "dense" in parts:
-        _print("dense causal prefill (ms; vs_X = X time / our time, >1 means we are faster)", dense_rows(lengths))
+        tables["dense"] = dense_rows(lengths)
+        print_table("dense causal prefill (ms; vs_X = X time / our time, >1 means we are faster)", tables["dense"])
     captured = args.captured
     if args.real_model and "pbs" in parts:
-        captured = capture_qkv(args.real_model, [int(x) for x in args.real_lengths.split(",")], args.real_layer)
+        captured = capture_qkv(args.real_model, numbers(args.real_lengths, "--real-lengths"), args.real_layer)
     if "pbs" in parts:
-        _print("PBS prefill, Qwen2.5-7B heads (pbs_ms includes selection+permutation; target: pbs/dense <= density+0.05)",
-               pbs_rows(lengths, [float(x) for x in args.budgets.split(",")], captured))
+        tables["pbs"] = pbs_rows(lengths, numbers(args.budgets, "--budgets", float), captured)
+        print_table("PBS prefill, Qwen2.5-7B heads (pbs_ms includes selection; target: pbs/dense <= density+0.05)",
+                    tables["pbs"])
     if "decode" in parts:
-        _print("paged decode (bytes of K+V read / time, against a device copy)",
-               decode_rows([int(x) for x in args.decode_contexts.split(",")],
-                           [int(x) for x in args.decode_batches.split(",")]))
+        tables["decode"] = decode_rows(numbers(args.decode_contexts, "--decode-contexts"),
+                                       numbers(args.decode_batches, "--decode-batches"))
+        print_table("paged decode (bytes of K+V read / time, against a device copy)", tables["decode"])
+    write_json(args.json, [dict(table=name, **row) for name, rows in tables.items() for row in rows])
     return 0

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import time
-from pathlib import Path
 
 import torch
 
-from pbs_engine.bench.shapes import SHAPES, shape_dir
+from pbs_engine.bench.common import model_source, numbers, print_table, random_ids, wall_s, write_json
+from pbs_engine.bench.shapes import SHAPES
 from pbs_engine.kernels import PBSConfig
 
 
@@ -31,23 +29,6 @@ def add_args(p: argparse.ArgumentParser, prefill: bool) -> None:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
-def _model_source(spec: str) -> tuple[str, str, dict]:
-    if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
-        if name not in SHAPES:
-            raise ValueError(f"--model {spec!r}: unknown shape; choose one of {', '.join(SHAPES)}")
-        return str(shape_dir(name)), "dummy", SHAPES[name]
-    from pbs_engine.engine.model_source import resolve_model
-
-    path = resolve_model(spec)
-    return str(path), "auto", json.loads((path / "config.json").read_text())
-
-
-def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, min(vocab, 30000), (n,), generator=g).tolist()
-
-
 def _hf_model(path: str, load_format: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -61,14 +42,6 @@ def _hf_model(path: str, load_format: str):
     return model.eval()
 
 
-def _timed(fn) -> float:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
 def _release(*objs) -> None:
     del objs
     gc.collect()
@@ -80,12 +53,12 @@ def hf_prefill(path: str, load_format: str, lengths: list[int], vocab: int) -> d
     model = _hf_model(path, load_format)
     rows = {}
     with torch.no_grad():
-        model(torch.tensor([_random_ids(512, vocab, 0)], device="cuda"), logits_to_keep=1)
+        model(torch.tensor([random_ids(512, vocab, 0)], device="cuda"), logits_to_keep=1)
         for n in lengths:
-            ids = torch.tensor([_random_ids(n, vocab, n)], device="cuda")
+            ids = torch.tensor([random_ids(n, vocab, n)], device="cuda")
             torch.cuda.reset_peak_memory_stats()
             try:
-                t = _timed(lambda: model(ids, logits_to_keep=1))
+                t = wall_s(lambda: model(ids, logits_to_keep=1))
                 rows[n] = {"ttft_s": t, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
             except torch.OutOfMemoryError:
                 rows[n] = {"ttft_s": None, "peak_gb": None, "note": "OOM"}
@@ -94,21 +67,22 @@ def hf_prefill(path: str, load_format: str, lengths: list[int], vocab: int) -> d
     return rows
 
 
-def _methods(names: list[str]) -> dict[str, tuple[str, PBSConfig | None]]:
-    table = {"dense": ("dense", None), "pbs": ("pbs", PBSConfig()),
-             "pbs-budget10": ("pbs", PBSConfig.budget_of(0.10))}
-    unknown = [m for m in names if m not in table]
+METHODS = {"dense": ("dense", None), "pbs": ("pbs", PBSConfig()), "pbs-budget10": ("pbs", PBSConfig.budget_of(0.10))}
+
+
+def methods(names: list[str]) -> dict[str, tuple[str, PBSConfig | None]]:
+    unknown = [m for m in names if m not in METHODS]
     if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(table)}")
-    return {m: table[m] for m in names}
+        raise ValueError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    return {m: METHODS[m] for m in names}
 
 
 def run_prefill(args: argparse.Namespace) -> int:
     from pbs_engine import LLM, SamplingParams
 
-    path, load_format, cfg = _model_source(args.model)
-    lengths = [int(x) for x in args.lengths.split(",")]
-    methods = _methods(args.methods.split(","))
+    path, load_format, cfg = model_source(args.model)
+    lengths = numbers(args.lengths, "--lengths")
+    table = methods(args.methods.split(","))
     hf = {} if args.no_hf else hf_prefill(path, load_format, [n for n in lengths if n <= args.hf_max_len],
                                           cfg["vocab_size"])
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=max(lengths) + 16,
@@ -116,11 +90,11 @@ def run_prefill(args: argparse.Namespace) -> int:
               enable_prefix_caching=False)  # every repeat computes the whole prompt
     weights_gb = torch.cuda.memory_allocated() / 1e9
     params = SamplingParams(max_tokens=1, ignore_eos=True)
-    llm.generate({"prompt_token_ids": _random_ids(2048, cfg["vocab_size"], 1)}, params)  # compile kernels
+    llm.generate({"prompt_token_ids": random_ids(2048, cfg["vocab_size"], 1)}, params)  # compile kernels
     rows = []
     for n in lengths:
-        ids = _random_ids(n, cfg["vocab_size"], n)
-        for name, (attention, pbs) in methods.items():
+        ids = random_ids(n, cfg["vocab_size"], n)
+        for name, (attention, pbs) in table.items():
             llm.set_prefill_attention(attention, pbs)
             torch.cuda.reset_peak_memory_stats()
             ttft = float("inf")
@@ -131,9 +105,9 @@ def run_prefill(args: argparse.Namespace) -> int:
             rows.append({"tokens": n, "method": name, "ttft_s": ttft, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
                          "hf_ttft_s": peer, "ratio_vs_hf": ttft / peer if peer else None,
                          "hf_peak_gb": hf.get(n, {}).get("peak_gb")})
-    _print(f"prefill TTFT, {args.model}, {torch.cuda.get_device_name()}, weights+cache {weights_gb:.1f} GB",
+    print_table(f"prefill TTFT, {args.model}, {torch.cuda.get_device_name()}, weights+cache {weights_gb:.1f} GB",
            rows, ["tokens", "method", "ttft_s", "hf_ttft_s", "ratio_vs_hf", "peak_gb", "hf_peak_gb"])
-    _dump(args, rows)
+    write_json(args.json, rows)
     return 0
 
 
@@ -142,10 +116,10 @@ def hf_decode(path: str, load_format: str, batch_sizes: list[int], context: int,
     rows = {}
     with torch.no_grad():
         for b in batch_sizes:
-            ids = torch.tensor([_random_ids(context, vocab, i) for i in range(b)], device="cuda")
+            ids = torch.tensor([random_ids(context, vocab, i) for i in range(b)], device="cuda")
             gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-            prefill = _timed(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen))
-            total = _timed(lambda: model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **gen))
+            prefill = wall_s(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **gen))
+            total = wall_s(lambda: model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **gen))
             rows[b] = b * (tokens - 1) / (total - prefill)
     _release(model)
     return rows
@@ -154,40 +128,24 @@ def hf_decode(path: str, load_format: str, batch_sizes: list[int], context: int,
 def run_decode(args: argparse.Namespace) -> int:
     from pbs_engine import LLM, SamplingParams
 
-    path, load_format, cfg = _model_source(args.model)
-    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    path, load_format, cfg = model_source(args.model)
+    sizes = numbers(args.batch_sizes, "--batch-sizes")
     hf = {} if args.no_hf else hf_decode(path, load_format, [b for b in sizes if b <= args.hf_max_batch],
                                          args.context, args.tokens, cfg["vocab_size"])
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=args.context + args.tokens + 16,
               max_num_seqs=max(sizes), attention="dense", enable_prefix_caching=False)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
-    llm.generate([{"prompt_token_ids": _random_ids(args.context, cfg["vocab_size"], 0)}] * 2, params)  # warm up
+    llm.generate([{"prompt_token_ids": random_ids(args.context, cfg["vocab_size"], 0)}] * 2, params)  # warm up
     rows = []
     for b in sizes:
-        prompts = [{"prompt_token_ids": _random_ids(args.context, cfg["vocab_size"], i)} for i in range(b)]
+        prompts = [{"prompt_token_ids": random_ids(args.context, cfg["vocab_size"], i)} for i in range(b)]
         outs = llm.generate(prompts, params)
         start = max(o.metrics.first_token_time for o in outs)
         end = max(o.metrics.finished_time for o in outs)
         tps = b * (args.tokens - 1) / (end - start)
         rows.append({"batch": b, "context": args.context, "tokens_per_s": tps, "hf_tokens_per_s": hf.get(b),
                      "ratio_vs_hf": tps / hf[b] if hf.get(b) else None})
-    _print(f"decode throughput, {args.model}, {torch.cuda.get_device_name()}", rows,
+    print_table(f"decode throughput, {args.model}, {torch.cuda.get_device_name()}", rows,
            ["batch", "context", "tokens_per_s", "hf_tokens_per_s", "ratio_vs_hf"])
-    _dump(args, rows)
+    write_json(args.json, rows)
     return 0
-
-
-def _print(title: str, rows: list[dict], cols: list[str]) -> None:
-    def fmt(v):
-        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
-    print(title)
-    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
-    for r in rows:
-        print("  ".join(fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)))
-
-
-def _dump(args: argparse.Namespace, rows: list[dict]) -> None:
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -1,4 +1,4 @@
-"""`pbs-engine bench kernels|prefill|decode`: GPU benchmarks that print ratios against peers from the same run."""
+"""`pbs-engine bench ...`: benchmarks that print tables of ours, the peer and the ratio, measured in the same run."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import argparse
 def register(sub) -> None:
     p = sub.add_parser("bench", help="GPU benchmarks (kernels, prefill TTFT, decode throughput)")
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
-    from pbs_engine.bench import kernels, runtime
+    from pbs_engine.bench import check, kernels, profile, runtime
 
     k = kinds.add_parser("kernels", help="attention kernels vs torch SDPA (cuDNN, flash), FlexAttention")
     kernels.add_args(k)
@@ -16,6 +16,14 @@ def register(sub) -> None:
         q = kinds.add_parser(name, help=f"engine {name} vs HF transformers")
         runtime.add_args(q, prefill=is_prefill)
         q.set_defaults(func=_needs_gpu(fn))
+    c = kinds.add_parser("check", help="every Triton kernel against its reference at realistic sizes")
+    c.set_defaults(func=_needs_gpu(check.run_check))
+    t = kinds.add_parser("tiles", help="launch-shape sweeps of the dense, sparse and decode kernels")
+    check.add_tile_args(t)
+    t.set_defaults(func=_needs_gpu(check.run_tiles))
+    f = kinds.add_parser("profile", help="one warm prefill: wall time against GPU kernel time, top kernels")
+    profile.add_args(f)
+    f.set_defaults(func=_needs_gpu(profile.run))
 
 
 def _needs_gpu(fn):

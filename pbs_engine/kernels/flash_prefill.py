@@ -149,7 +149,7 @@ def _tma_descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_m:
 def prefill_tiles(head_dim: int, device: torch.device, num_keys: int = 0, dtype_bytes: int = 2, tma: bool = False
                   ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the dense kernel. H100, 28/4 heads, d=128, TFLOP/s at 32K /
-    128K (benchmarks/gpu_check.py, cuDNN SDPA 612 / 564 in the same run): TMA 128/128/8/3 575 / 568, TMA
+    128K (`pbs-engine bench tiles`, cuDNN SDPA 612 / 564 in the same run): TMA 128/128/8/3 575 / 568, TMA
     128/64/8/3 531 / 520; pointers 128/64/8/3 508 / 495, 128/128/8/3 511 / 497, 128/64/8/4 494 / 495."""
     if device.type != "cuda":
         return 16, 16, 4, 1
@@ -162,7 +162,10 @@ def prefill_tiles(head_dim: int, device: torch.device, num_keys: int = 0, dtype_
 
 def flash_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                          cu_seqlens_k: torch.Tensor, causal: bool = True, sm_scale: float | None = None,
-                         max_seqlen_q: int | None = None, tma: bool | None = None) -> torch.Tensor:
+                         max_seqlen_q: int | None = None, tma: bool | None = None,
+                         tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """tma: K/V tiles through TMA descriptors (None: on Hopper and newer); tiles: (BLOCK_M, BLOCK_N, num_warps,
+    num_stages), None: `prefill_tiles`' choice for the shape (benchmarks sweep others)."""
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     out = torch.empty_like(q)
     batch = cu_seqlens_q.numel() - 1
@@ -170,7 +173,7 @@ def flash_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     if tma is None:
         tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
-    block_m, block_n, warps, stages = prefill_tiles(q.shape[-1], q.device, k.shape[0], q.element_size(), tma)
+    block_m, block_n, warps, stages = tiles or prefill_tiles(q.shape[-1], q.device, k.shape[0], q.element_size(), tma)
     grid = (q.shape[1], triton.cdiv(max_seqlen_q, block_m), batch)
     descs = _tma_descriptors(q, k, v, block_m, block_n) if tma else None
     _flash_prefill_kernel[grid](

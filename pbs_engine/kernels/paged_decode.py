@@ -115,11 +115,13 @@ def num_splits(batch: int, kv_heads: int, max_tiles: int, sms: int, per_sm: int)
 
 
 def paged_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                        seq_lens: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+                        seq_lens: torch.Tensor, sm_scale: float | None = None,
+                        tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """tiles: (BLOCK_N, num_warps, num_stages, programs per SM), None: `decode_tiles`' choice."""
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
     batch, hq, d = q.shape
     hkv, page = k_cache.shape[2], k_cache.shape[1]
-    block_n, warps, stages, per_sm = decode_tiles(page, q.device)
+    block_n, warps, stages, per_sm = tiles or decode_tiles(page, q.device)
     splits = num_splits(batch, hkv, block_tables.shape[1] * page // block_n, _sm_count(q.device), per_sm)
     o_part = torch.empty(batch, hq, splits, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, hq, splits, dtype=torch.float32, device=q.device)

@@ -185,15 +185,20 @@ def sparse_tiles(block_size: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def pbs_attention_triton(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, scale: float,
-                         tma: bool | None = None, prefetch: bool = True) -> torch.Tensor:
+                         tma: bool | None = None, prefetch: bool = True,
+                         tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """FlashAttention of q over the selected blocks of the permuted K/V in `sel`. tma: fetch K/V tiles through
-    TMA descriptors (None: on Hopper and newer); prefetch: read each tile's block index one tile ahead."""
+    TMA descriptors (None: on Hopper and newer); prefetch: read each tile's block index one tile ahead; tiles:
+    (BLOCK_N, num_warps, num_stages), None: `sparse_tiles`' choice."""
     n, hq, d = q.shape
     out = torch.empty_like(q)
     keys, values = sel.keys, sel.values
-    block_n, warps, stages = sparse_tiles(cfg.block_size, q.device)
-    if q.element_size() > 2:  # float32 tiles: halve them to fit shared memory
-        block_n, stages = min(block_n, 64), 1
+    if tiles is not None:
+        block_n, warps, stages = tiles
+    else:
+        block_n, warps, stages = sparse_tiles(cfg.block_size, q.device)
+        if q.element_size() > 2:  # float32 tiles: halve them to fit shared memory
+            block_n, stages = min(block_n, 64), 1
     if tma is None:
         tma = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
     hkv, npad = keys.shape[0], keys.shape[1]
