@@ -294,7 +294,8 @@ def test_metrics_are_prometheus_text(http):
     families = parse_prometheus(res.text)
     for family in ("pbs_requests_finished_total", "pbs_prompt_tokens_total", "pbs_generation_tokens_total",
                    "pbs_time_to_first_token_seconds", "pbs_time_per_output_token_seconds", "pbs_kv_cache_usage_ratio",
-                   "pbs_num_requests_running", "pbs_num_requests_waiting"):
+                   "pbs_num_requests_running", "pbs_num_requests_waiting", "pbs_num_prefill_tokens_pending",
+                   "pbs_oldest_waiting_request_seconds"):
         assert family in families
     for family, (kind, samples) in families.items():
         if kind == "histogram":

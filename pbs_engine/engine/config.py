@@ -26,6 +26,9 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int | None = None  # per-step token budget; None: 16384 on cuda, 4096 on cpu
     chunked_prefill: bool = True
+    max_num_partial_prefills: int = 4  # prompts prefilled side by side in one step
+    long_prefill_token_threshold: int | None = None  # while others wait, a prompt takes at most this many tokens a
+    # step in the first pass (short prompts go beside a long one, not behind it); None: max_num_batched_tokens / 4
     enable_prefix_caching: bool = True  # reuse the cached K/V of full prompt blocks shared with earlier requests
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights from config.json (speed runs only)
@@ -56,9 +59,11 @@ class EngineConfig:
             self.kv_block_size = 256 if dev.type == "cuda" else 16
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 16384 if dev.type == "cuda" else 4096
-        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_num_partial_prefills"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
+            raise ValueError(f"long_prefill_token_threshold={self.long_prefill_token_threshold} must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:

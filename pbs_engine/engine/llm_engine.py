@@ -37,7 +37,8 @@ class LLMEngine:
         self.model_config = self.runner.model_config
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.chunked_prefill)
+                                   config.chunked_prefill, config.max_num_partial_prefills,
+                                   config.long_prefill_token_threshold)
         self.output_processor = OutputProcessor(self.tokenizer, config.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -124,8 +125,8 @@ class LLMEngine:
                 logger.exception("request %s failed in the engine", batch.seqs[0].request_id)
                 return [None], [f"{type(e).__name__}: {e}"]
         tokens, errors = [], []
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            tok, error = self._run(ScheduledBatch([seq], [n], batch.is_prefill))
+        for i in range(len(batch.seqs)):
+            tok, error = self._run(batch.row(i))
             tokens += tok
             errors += error
         return tokens, errors
@@ -135,6 +136,11 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self.runner.sampler.release(seq)
 
+    def _oldest_waiting(self) -> float:
+        """Age of the oldest request that has no token yet (0 when none waits)."""
+        waiting = [s.metrics.arrival_time for s in self.scheduler.waiting if s.metrics.first_token_time is None]
+        return time.time() - min(waiting) if waiting else 0.0
+
     def stats(self) -> dict:
         return {
             "kv_total_blocks": self.blocks.num_blocks,
@@ -143,6 +149,8 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_prefill_tokens_pending": self.scheduler.pending_prefill_tokens(),
+            "oldest_waiting_s": self._oldest_waiting(),
             "prefix_cache_hit_rate": self.blocks.hits / self.blocks.queries if self.blocks.queries else 0.0,
             "max_model_len": self.config.max_model_len,
         }

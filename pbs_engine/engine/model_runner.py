@@ -77,28 +77,34 @@ class ModelRunner:
         return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        ids, positions, slots, lens_q, lens_k = [], [], [], [], []
-        for seq, n in zip(batch.seqs, batch.num_tokens):
+        """Pack the batch: decode rows (one token each) first, then each prefill chunk's tokens."""
+        ids, positions, slots, context_lens, lens_q, lens_k = [], [], [], [], [], []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
             ids += seq.tokens(start, start + n)
             positions += range(start, start + n)
             slots += self._slots(seq, start, start + n)
-            lens_q.append(n)
-            lens_k.append(start + n)
+            if i < batch.num_decodes:
+                context_lens.append(start + 1)
+            else:
+                lens_q.append(n)
+                lens_k.append(start + n)
         dev = self.device
 
         def cumulative(lens):
             return torch.tensor([0] + lens, dtype=torch.int32, device=dev).cumsum(0).to(torch.int32)
 
+        prefill = batch.has_prefill
         meta = AttentionMetadata(
-            is_prefill=batch.is_prefill,
+            is_prefill=prefill,
+            num_decode_tokens=batch.num_decodes if prefill else 0,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             block_tables=self._block_tables(batch.seqs),
-            cu_seqlens_q=cumulative(lens_q) if batch.is_prefill else None,
-            cu_seqlens_k=cumulative(lens_k) if batch.is_prefill else None,
-            seq_lens_q=lens_q if batch.is_prefill else [],
-            seq_lens_k=lens_k if batch.is_prefill else [],
-            context_lens=None if batch.is_prefill else torch.tensor(lens_k, dtype=torch.int32, device=dev),
+            cu_seqlens_q=cumulative(lens_q) if prefill else None,
+            cu_seqlens_k=cumulative(lens_k) if prefill else None,
+            seq_lens_q=lens_q,
+            seq_lens_k=lens_k,
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev) if context_lens else None,
             prefill_method=self.config.attention,
             pbs=self.config.pbs,
         )
@@ -110,14 +116,13 @@ class ModelRunner:
         """Run one scheduled batch; returns the sampled token of each sequence whose pending tokens are all done
         (None for a prefill chunk that leaves more of its prompt to compute)."""
         ids, positions, meta = self.prepare(batch)
-        if self.graphs is not None and not batch.is_prefill and self.graphs.fits(len(batch.seqs)):
+        if self.graphs is not None and not batch.has_prefill and self.graphs.fits(len(batch.seqs)):
             hidden = self.graphs.run(ids, positions, meta)
         else:
             hidden = self.model(ids, positions, meta)
-        ends = torch.tensor(meta.seq_lens_q if batch.is_prefill else [1] * len(batch.seqs),
-                            device=self.device).cumsum(0) - 1
+        ends = torch.tensor(batch.num_tokens, device=self.device).cumsum(0) - 1
         sample_rows = [i for i in range(len(batch.seqs)) if batch.completes_prompt(i)]
-        if batch.is_prefill:
+        if batch.has_prefill:
             self._prompt_logprobs(batch, hidden, ends)
         result: list[int | None] = [None] * len(batch.seqs)
         if not sample_rows:

@@ -39,6 +39,10 @@ class Metrics:
         self.running = Gauge("pbs_num_requests_running", "Requests decoding in the engine.", registry=r)
         self.waiting = Gauge("pbs_num_requests_waiting", "Admitted requests that have not produced a token yet.",
                              registry=r)
+        self.prefill_pending = Gauge("pbs_num_prefill_tokens_pending", "Prompt tokens admitted and not computed yet.",
+                                     registry=r)
+        self.oldest_waiting = Gauge("pbs_oldest_waiting_request_seconds",
+                                    "Age of the oldest request without a first token.", registry=r)
         self.preemptions = Counter("pbs_num_preemptions", "Requests preempted to free KV-cache blocks.",
                                    registry=r)
         self._preemptions_seen = 0
@@ -63,6 +67,8 @@ class Metrics:
         self.kv_blocks.labels("free").set(stats["kv_free_blocks"])
         self.running.set(stats["num_running"])
         self.waiting.set(waiting_http)
+        self.prefill_pending.set(stats["num_prefill_tokens_pending"])
+        self.oldest_waiting.set(stats["oldest_waiting_s"])
         self.preemptions.inc(stats["num_preemptions"] - self._preemptions_seen)  # the engine counts; we follow
         self._preemptions_seen = stats["num_preemptions"]
         return prometheus_client.generate_latest(self.registry)

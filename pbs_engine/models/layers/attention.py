@@ -17,16 +17,17 @@ from pbs_engine.kernels import PBSConfig, flash_prefill, paged_decode, pbs_prefi
 class AttentionMetadata:
     """What one forward pass needs to know about its batch. Prefill batches are varlen; decode is one token/seq."""
 
-    is_prefill: bool
+    is_prefill: bool  # False: every row is a decode token; True: prefill chunks, after num_decode_tokens decode rows
     slot_mapping: torch.Tensor | None  # (T,) int64 flat cache slot (block * page + offset) per new token; None: no cache
-    block_tables: torch.Tensor | None = None  # (B, max_blocks) int32
-    # prefill
-    cu_seqlens_q: torch.Tensor | None = None  # (B+1,) int32
-    cu_seqlens_k: torch.Tensor | None = None  # (B+1,) int32
+    block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decode rows' sequences first
+    num_decode_tokens: int = 0  # in a mixed batch: the first rows are one decode token per running sequence
+    # prefill rows
+    cu_seqlens_q: torch.Tensor | None = None  # (P+1,) int32 over the P prefill sequences
+    cu_seqlens_k: torch.Tensor | None = None  # (P+1,) int32
     seq_lens_q: list[int] = field(default_factory=list)
     seq_lens_k: list[int] = field(default_factory=list)
-    # decode
-    context_lens: torch.Tensor | None = None  # (B,) int32, tokens in cache including the new one
+    # decode rows
+    context_lens: torch.Tensor | None = None  # (D,) int32, tokens in cache including the new one
     # PBS
     prefill_method: str = "dense"  # "dense" | "pbs"
     pbs: PBSConfig | None = None
@@ -58,6 +59,16 @@ class Attention(nn.Module):
             flat_v[meta.slot_mapping] = v.to(flat_v.dtype)
         if not meta.is_prefill:
             return paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, sm_scale=self.scale)
+        nd = meta.num_decode_tokens
+        if nd == 0:
+            return self._prefill(q, k, v, meta)
+        out = torch.empty_like(q)
+        out[:nd] = paged_decode(q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.context_lens,
+                                sm_scale=self.scale)
+        out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], meta)
+        return out
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if meta.has_prefix:
             k, v = self._gather_context(meta)
         if meta.prefill_method == "pbs" and self.layer_idx >= meta.pbs.dense_layers:
@@ -65,11 +76,11 @@ class Attention(nn.Module):
         return flash_prefill(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, sm_scale=self.scale)
 
     def _gather_context(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sequence's whole context (cached prefix + this chunk) from the paged cache, packed varlen."""
+        """Each prefill sequence's whole context (cached prefix + this chunk) from the paged cache, packed varlen."""
         page = self.k_cache.shape[1]
         ks, vs = [], []
         for i, kv_len in enumerate(meta.seq_lens_k):
-            blocks = meta.block_tables[i, : (kv_len + page - 1) // page].long()
+            blocks = meta.block_tables[meta.num_decode_tokens + i, : (kv_len + page - 1) // page].long()
             ks.append(self.k_cache[blocks].flatten(0, 1)[:kv_len])
             vs.append(self.v_cache[blocks].flatten(0, 1)[:kv_len])
         return torch.cat(ks), torch.cat(vs)
