@@ -128,3 +128,16 @@ def test_streamed_text_never_shows_part_of_a_stop_string(smollm2):
     # each streamed text extends the previous one: nothing later cut away (a partial stop string) was ever shown
     assert all(a == b[:len(a)] for a, b in zip(seen, seen[1:]))
     assert seen[-1] == full[:full.index(stop)]
+
+
+def test_each_request_reports_the_density_its_prefill_achieved(smollm2_path, real_text):
+    from pbs_engine import LLM, PBSConfig
+
+    llm = LLM(str(smollm2_path), device="cpu", attention="pbs", pbs=PBSConfig.budget_of(0.3),
+              enable_prefix_caching=False)
+    long_prompt = {"prompt_token_ids": llm.get_tokenizer().encode(real_text)[:1500]}
+    out = llm.generate(long_prompt, SamplingParams(max_tokens=1))[0]
+    m = out.metrics  # forced blocks (first, diagonal segment, last query block) weigh much at 12 blocks
+    assert m.pbs_visible_blocks > 0 and 0.3 <= m.prefill_density < 0.9
+    llm.set_prefill_attention("dense")
+    assert llm.generate(long_prompt, SamplingParams(max_tokens=1))[0].metrics.prefill_density == 1.0

@@ -52,6 +52,7 @@ def test_completion_returns_text_and_usage(client):
     assert res.choices[0].text and res.choices[0].finish_reason == "length"
     assert res.usage.completion_tokens == 4 and res.usage.prompt_tokens > 0
     assert res.usage.total_tokens == res.usage.prompt_tokens + 4
+    assert res.usage.model_extra["prefill_density"] == 1.0  # this server's engine prefills densely
 
 
 def test_vllm_extra_sampling_parameters(client, smollm2):
@@ -145,6 +146,11 @@ def test_sixteen_concurrent_streams_all_finish(base_url):
     assert len(results) == 16 and all(text and reason in ("stop", "length") for text, reason in results)
 
 
+def num_aborted(app) -> float:
+    value = app.state.engine.metrics.registry.get_sample_value("pbs_requests_finished_total", {"finish_reason": "abort"})
+    return value or 0.0
+
+
 def test_disconnected_stream_is_aborted_and_frees_its_blocks(app, http):
     body = {"model": MODEL, "prompt": "Write a very long story.", "max_tokens": 500, "temperature": 0, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as res:
@@ -152,15 +158,15 @@ def test_disconnected_stream_is_aborted_and_frees_its_blocks(app, http):
         assert json.loads(first[len("data: "):])["choices"][0]["text"] is not None
         assert not all_blocks_free(app)
     assert wait_until(lambda: all_blocks_free(app)), app.state.engine.stats
-    assert app.state.engine.metrics.finished["abort"] >= 1
+    assert num_aborted(app) >= 1
 
 
 def test_disconnected_request_is_aborted_and_frees_its_blocks(app, base_url):
-    aborted = app.state.engine.metrics.finished["abort"]
+    aborted = num_aborted(app)
     body = {"model": MODEL, "prompt": "Write a very long story.", "max_tokens": 500, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(base_url + "/v1/completions", json=body, timeout=1.0)
-    assert wait_until(lambda: app.state.engine.metrics.finished["abort"] == aborted + 1)
+    assert wait_until(lambda: num_aborted(app) == aborted + 1)
     assert wait_until(lambda: all_blocks_free(app)), app.state.engine.stats
 
 
@@ -295,6 +301,7 @@ def test_metrics_are_prometheus_text(http):
     for family in ("pbs_requests_finished_total", "pbs_prompt_tokens_total", "pbs_generation_tokens_total",
                    "pbs_time_to_first_token_seconds", "pbs_time_per_output_token_seconds", "pbs_kv_cache_usage_ratio",
                    "pbs_num_requests_running", "pbs_num_requests_waiting", "pbs_num_prefill_tokens_pending",
+                   "pbs_prefill_density",
                    "pbs_oldest_waiting_request_seconds"):
         assert family in families
     for family, (kind, samples) in families.items():

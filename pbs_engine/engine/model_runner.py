@@ -116,6 +116,8 @@ class ModelRunner:
         """Run one scheduled batch; returns the sampled token of each sequence whose pending tokens are all done
         (None for a prefill chunk that leaves more of its prompt to compute)."""
         ids, positions, meta = self.prepare(batch)
+        if batch.has_prefill and meta.prefill_method == "pbs":
+            meta.pbs_stats = []
         if self.graphs is not None and not batch.has_prefill and self.graphs.fits(len(batch.seqs)):
             hidden = self.graphs.run(ids, positions, meta)
         else:
@@ -124,6 +126,8 @@ class ModelRunner:
         sample_rows = [i for i in range(len(batch.seqs)) if batch.completes_prompt(i)]
         if batch.has_prefill:
             self._prompt_logprobs(batch, hidden, ends)
+        if meta.pbs_stats:
+            self._account_density(batch, meta.pbs_stats)
         result: list[int | None] = [None] * len(batch.seqs)
         if not sample_rows:
             return result
@@ -139,6 +143,18 @@ class ModelRunner:
         for i, tok in zip(sample_rows, tokens.tolist()):
             result[i] = tok
         return result
+
+    def _account_density(self, batch: ScheduledBatch, stats: list) -> None:
+        """Add each prefill row's kept and visible block pairs (all layers, heads) to its request's metrics, read
+        from the device once per step."""
+        rows = len(batch.seqs) - batch.num_decodes
+        counts = torch.zeros(rows, 2, dtype=torch.long, device=self.device)
+        for _, row, st in stats:
+            counts[row, 0] += st.kept.sum().to(counts.device)
+            counts[row, 1] += st.visible.sum().to(counts.device)
+        for seq, (kept, visible) in zip(batch.seqs[batch.num_decodes:], counts.tolist()):
+            seq.metrics.pbs_kept_blocks += kept
+            seq.metrics.pbs_visible_blocks += visible
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor, ends: torch.Tensor) -> None:
         """Log-probs of each prompt token given its prefix, for requests that asked (first computation only)."""

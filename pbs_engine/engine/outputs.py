@@ -24,6 +24,8 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    pbs_kept_blocks: int = 0  # (query block, key block) pairs the PBS prefill attended, over layers and heads
+    pbs_visible_blocks: int = 0  # pairs a dense causal prefill would have attended in those layers and heads
 
     @property
     def queue_time(self) -> float | None:
@@ -32,6 +34,11 @@ class RequestMetrics:
     @property
     def ttft(self) -> float | None:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def prefill_density(self) -> float:
+        """The share of causal attention blocks this request's prefill computed: 1.0 for dense attention."""
+        return self.pbs_kept_blocks / self.pbs_visible_blocks if self.pbs_visible_blocks else 1.0
 
     @property
     def time_per_output_token(self) -> float | None:

@@ -54,7 +54,7 @@ def lm_fidelity(model, ids: list[int], methods: dict, last: int = 1024) -> list[
         if dense_lp is None:
             dense_lp, dense_pred = lp, pred
         by_layer = defaultdict(list)
-        for layer, s in stats:
+        for layer, _, s in stats:
             by_layer[layer].append(s.density)
         if attention == "pbs":  # layers that ran dense (PBSConfig.dense_layers) count as density 1
             for attn in model.attention_layers():

@@ -11,6 +11,7 @@ prometheus_client.disable_created_metrics()  # no *_created samples: vLLM's expo
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0)
+DENSITY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 0.99, 1.0)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
@@ -34,6 +35,8 @@ class Metrics:
                               buckets=TPOT_BUCKETS, registry=r)
         self.latency = Histogram("pbs_request_latency_seconds", "Time from arrival to the last token.",
                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.density = Histogram("pbs_prefill_density", "Share of causal attention blocks a request's prefill "
+                                 "computed (PBS; 1 for dense).", buckets=DENSITY_BUCKETS, registry=r)
         self.kv_usage = Gauge("pbs_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.", registry=r)
         self.kv_blocks = Gauge("pbs_kv_cache_blocks", "KV-cache blocks, by state.", ["state"], registry=r)
         self.running = Gauge("pbs_num_requests_running", "Requests decoding in the engine.", registry=r)
@@ -58,6 +61,8 @@ class Metrics:
             self.tpot.observe(m.time_per_output_token)
         if m.finished_time is not None:
             self.latency.observe(m.finished_time - m.arrival_time)
+        if m.first_token_time is not None:
+            self.density.observe(m.prefill_density)
 
     def render(self, stats: dict, waiting_http: int) -> bytes:
         """The exposition text; `stats` is the engine's, `waiting_http` counts admitted requests not yet started."""

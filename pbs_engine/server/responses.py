@@ -33,7 +33,11 @@ class Job:
     def usage(self, outputs: list[RequestOutput]) -> dict:
         prompt = sum(self.prompt_lens)
         completion = sum(len(o.outputs[0].token_ids) for o in outputs)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        kept = sum(o.metrics.pbs_kept_blocks for o in outputs)
+        visible = sum(o.metrics.pbs_visible_blocks for o in outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                # the share of causal attention blocks the prefill computed (PBS), 1.0 when it ran dense
+                "prefill_density": kept / visible if visible else 1.0}
 
     def response(self, outputs: list[RequestOutput]) -> dict:
         """The whole response, `outputs` in choice order."""

@@ -31,7 +31,7 @@ class AttentionMetadata:
     # PBS
     prefill_method: str = "dense"  # "dense" | "pbs"
     pbs: PBSConfig | None = None
-    pbs_stats: list | None = None  # when a list, each layer appends (layer_idx, stats) per PBS call
+    pbs_stats: list | None = None  # when a list, each PBS call appends (layer_idx, prefill row, PBSStats)
 
     @property
     def has_prefix(self) -> bool:
@@ -88,10 +88,10 @@ class Attention(nn.Module):
     def _pbs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         out = torch.empty_like(q)
         q0 = k0 = 0
-        for q_len, k_len in zip(meta.seq_lens_q, meta.seq_lens_k):
+        for row, (q_len, k_len) in enumerate(zip(meta.seq_lens_q, meta.seq_lens_k)):
             o, stats = pbs_prefill(q[q0:q0 + q_len], k[k0:k0 + k_len], v[k0:k0 + k_len], meta.pbs, sm_scale=self.scale)
             out[q0:q0 + q_len] = o
             if meta.pbs_stats is not None:
-                meta.pbs_stats.append((self.layer_idx, stats))
+                meta.pbs_stats.append((self.layer_idx, row, stats))
             q0, k0 = q0 + q_len, k0 + k_len
         return out
