@@ -173,7 +173,7 @@ def test_missing_file_raises_model_not_found(tmp_path):
 
 def test_non_gguf_file_raises_conversion_error(tmp_path):
     (tmp_path / "model.gguf").write_text("this is not a GGUF file, just text")
-    with pytest.raises(GGUFConversionError, match="model.gguf: not a readable GGUF"):
+    with pytest.raises(GGUFConversionError, match="model.gguf: not a GGUF file"):
         convert_gguf(tmp_path / "model.gguf", tmp_path / "out")
 
 

@@ -1,12 +1,22 @@
-"""Each way a model directory can be wrong gives its own named error that says what is wrong."""
+"""Each way a model directory can be wrong gives its own named error that says what is wrong; through the CLI, one
+line naming the file (or field) at fault and exit code 2."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import corrupt_models
+import fixtures
+from corrupt_models import CASES
+from pbs_engine.cli.main import main
+from pbs_engine.models import loader
 from pbs_engine.models.errors import (InvalidConfigError, MissingShardError, MissingTensorError, ModelNotFoundError,
                                       ShapeMismatchError, UnexpectedTensorError, UnsupportedArchitectureError)
 from pbs_engine.models.loader import build_model
@@ -123,3 +133,76 @@ def test_qwen_1m_config_loads():
            "dual_chunk_attention_config": {"chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 262144}}
     cfg = ModelConfig.from_dict(raw)
     assert (cfg.max_position_embeddings, cfg.rope_theta, cfg.head_dim, cfg.attention_bias) == (1010000, 1e7, 128, True)
+
+
+# --- corrupt copies of the real SmolLM2 directory, through the CLI ---------------------------------------------------
+
+WEIGHTS_INTEGRITY = [c for c in CASES if c.startswith(("weights", "index")) and c not in corrupt_models.AGAINST_MODEL]
+
+
+@pytest.fixture
+def corrupt_model(request, smollm2_path, tmp_path) -> tuple[Path, str]:
+    """(the directory of corrupt case request.param, the file or field its error must name)."""
+    return corrupt_models.build(request.param, smollm2_path, tmp_path / "model"), CASES[request.param][1]
+
+
+def generate(model: Path, capsys) -> tuple[int, str]:
+    code = main(["generate", "--model", str(model), "--device", "cpu", "--max-tokens", "1", "hi"])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("corrupt_model", list(CASES), indirect=True)
+def test_corrupt_model_fails_with_one_line_naming_the_file(corrupt_model, capsys):
+    model, named = corrupt_model
+    code, err = generate(model, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("pbs-engine: error: ")
+    assert named in err
+
+
+@pytest.mark.parametrize("corrupt_model", WEIGHTS_INTEGRITY, indirect=True)
+def test_corrupt_weights_fail_before_the_model_is_built(corrupt_model, capsys, monkeypatch):
+    def built(*args):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(loader, "MODEL_CLASSES", dict.fromkeys(loader.MODEL_CLASSES, built))
+    assert generate(corrupt_model[0], capsys)[0] == 2
+
+
+@pytest.mark.parametrize("corrupt_model", sorted(corrupt_models.AGAINST_MODEL), indirect=True)
+def test_tensor_mismatches_fail_before_any_weight_is_read(corrupt_model, capsys, monkeypatch):
+    def read(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loader, "safe_open", read)
+    assert generate(corrupt_model[0], capsys)[0] == 2
+
+
+def test_truncated_weights_exit_2_with_one_line_from_the_command(smollm2_path, tmp_path):
+    model = corrupt_models.build("weights truncated to half", smollm2_path, tmp_path / "model")
+    run = subprocess.run([sys.executable, "-m", "pbs_engine.cli.main", "generate", "--model", str(model),
+                          "--device", "cpu", "--max-tokens", "1", "hi"], capture_output=True, text=True, check=False,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    weights, real = model / "model.safetensors", smollm2_path / "model.safetensors"
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [(f"pbs-engine: error: {weights}: truncated: its header needs "
+                                        f"{real.stat().st_size} bytes, the file has {weights.stat().st_size}")]
+
+
+@pytest.mark.parametrize("keep, message", [(0, "not a GGUF file"), (3, "not a GGUF file"),
+                                           (100_000, "truncated: the file is 100000 bytes and ends inside its header")])
+def test_broken_gguf_header_is_named(keep, message, tmp_path, capsys, monkeypatch):
+    path = corrupt_models.cut(fixtures.smollm2_gguf(), tmp_path / "model.gguf", keep)
+    monkeypatch.setenv("PBS_ENGINE_CACHE", str(tmp_path / "cache"))
+    code, err = generate(path, capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{path}: {message}" in err
+
+
+def test_truncated_gguf_names_its_size_and_the_size_it_needs(tmp_path, capsys, monkeypatch):
+    real = fixtures.smollm2_gguf()
+    path = corrupt_models.cut(real, tmp_path / "model.gguf", real.stat().st_size // 2)
+    monkeypatch.setenv("PBS_ENGINE_CACHE", str(tmp_path / "cache"))
+    code, err = generate(path, capsys)
+    assert code == 2
+    assert f"{path}: truncated: the file is {real.stat().st_size // 2} bytes, its tensors need {real.stat().st_size}" \
+        in err

@@ -9,7 +9,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from pbs_engine.models.errors import ModelNotFoundError
+from pbs_engine.models.errors import InvalidTokenizerError, ModelNotFoundError
+from pbs_engine.models.model_files import read_json_object
 
 
 PROBE_CHARS_PER_TOKEN = 8  # text tokenises to ~3-5 characters per token: a probe this long holds > limit tokens
@@ -19,16 +20,43 @@ class ChatTemplateError(ValueError):
     """The messages are malformed, or the model has no chat template, or the template rejected them."""
 
 
-def _token_str(value) -> str | None:
+def _token_str(cfg: dict, name: str, path: Path) -> str | None:
+    """A special token of tokenizer_config.json: a string, or an added-token object with a string "content"."""
+    value = cfg.get(name)
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise InvalidTokenizerError(f"{path}: field {name!r} must be a token string, got {cfg[name]!r}")
     return value
 
 
-def _ids(value) -> list[int]:
-    if value is None:
-        return []
-    return [value] if isinstance(value, int) else [int(v) for v in value]
+def _ids(value, path: Path) -> list[int]:
+    """generation_config.json's eos_token_id: one token id or a list of them."""
+    ids = [] if value is None else [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+        raise InvalidTokenizerError(f"{path}: field 'eos_token_id' must be a token id or a list of them, "
+                                    f"got {value!r}")
+    return list(ids)
+
+
+def _chat_template(value, path: Path, template_file: Path) -> str | None:
+    """tokenizer_config.json's chat_template (a string, or named templates of which we take "default"), else
+    chat_template.jinja's."""
+    if isinstance(value, list):
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                   for t in value):
+            raise InvalidTokenizerError(f"{path}: field 'chat_template' must be a string or a list of "
+                                        "{'name', 'template'} objects")
+        named = {t["name"]: t["template"] for t in value}
+        value = named.get("default", next(iter(named.values()), None))
+    if value is not None and not isinstance(value, str):
+        raise InvalidTokenizerError(f"{path}: field 'chat_template' must be a string, got {value!r}")
+    if value is None and template_file.is_file():
+        try:
+            return template_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidTokenizerError(f"{template_file}: unreadable ({e})") from e
+    return value
 
 
 class Tokenizer:
@@ -37,20 +65,17 @@ class Tokenizer:
         path = model_dir / "tokenizer.json"
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: tokenizer.json not found in the model directory")
-        self._tok = HFTokenizer.from_file(str(path))
-        cfg = _read_json(model_dir / "tokenizer_config.json")
-        gen = _read_json(model_dir / "generation_config.json")
-        self.chat_template: str | None = cfg.get("chat_template")
-        template_file = model_dir / "chat_template.jinja"
-        if self.chat_template is None and template_file.is_file():
-            self.chat_template = template_file.read_text()
-        if isinstance(self.chat_template, list):  # named templates: take the default one
-            named = {t["name"]: t["template"] for t in self.chat_template}
-            self.chat_template = named.get("default", next(iter(named.values()), None))
-        self.bos_token = _token_str(cfg.get("bos_token"))
-        self.eos_token = _token_str(cfg.get("eos_token"))
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a bare Exception for every parse error
+            raise InvalidTokenizerError(f"{path}: not a valid tokenizer.json ({e})") from e
+        cfg_path, gen_path = model_dir / "tokenizer_config.json", model_dir / "generation_config.json"
+        cfg, gen = _read_json(cfg_path), _read_json(gen_path)
+        self.chat_template = _chat_template(cfg.get("chat_template"), cfg_path, model_dir / "chat_template.jinja")
+        self.bos_token = _token_str(cfg, "bos_token", cfg_path)
+        self.eos_token = _token_str(cfg, "eos_token", cfg_path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        eos_ids = _ids(gen.get("eos_token_id"))
+        eos_ids = _ids(gen.get("eos_token_id"), gen_path)
         if self.eos_token is not None and self._tok.token_to_id(self.eos_token) is not None:
             eos_ids.append(self._tok.token_to_id(self.eos_token))
         self.eos_token_ids: list[int] = sorted(set(eos_ids))
@@ -126,12 +151,8 @@ class IncrementalDetokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelNotFoundError(f"{path}: unreadable ({e})") from e
+    """An optional JSON file of the model directory: {} where it is absent."""
+    return read_json_object(path, InvalidTokenizerError) if path.is_file() else {}
 
 
 def _raise(message: str):

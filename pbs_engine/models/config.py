@@ -1,12 +1,12 @@
 """Model hyper-parameters read from a Hugging Face style config.json."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from pbs_engine.models.errors import InvalidConfigError, UnsupportedArchitectureError
+from pbs_engine.models.model_files import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -33,57 +33,56 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        if not isinstance(raw, dict):
+            raise InvalidConfigError(f"{source}: must hold a JSON object, not a {type(raw).__name__}")
         archs = raw.get("architectures") or []
+        if not isinstance(archs, list):
+            raise InvalidConfigError(f"{source}: field 'architectures' must be a list of names, got {archs!r}")
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise UnsupportedArchitectureError(
                 f"{source}: architectures {archs!r} not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-
-        def need(name: str):
-            if name not in raw:
-                raise InvalidConfigError(f"{source}: missing field {name!r}")
-            return raw[name]
-
-        heads = int(need("num_attention_heads"))
-        hidden = int(need("hidden_size"))
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        heads, hidden = _int(raw, "num_attention_heads", source), _int(raw, "hidden_size", source)
+        kv_heads = _int(raw, "num_key_value_heads", source, default=heads)
         if heads % kv_heads:
             raise InvalidConfigError(
                 f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        rope_scaling = raw.get("rope_scaling")
+        if raw.get("head_dim") is None and hidden % heads:
+            raise InvalidConfigError(f"{source}: hidden_size {hidden} is not a multiple of num_attention_heads "
+                                     f"{heads}, and there is no head_dim")
+        rope_scaling = _object(raw, "rope_scaling", source)
         rope_theta = raw.get("rope_theta")
-        if rope_theta is None and isinstance(raw.get("rope_parameters"), dict):
-            rope_theta = raw["rope_parameters"].get("rope_theta")
-            if raw["rope_parameters"].get("rope_type", "default") != "default":
-                rope_scaling = raw["rope_parameters"]
+        rope_parameters = _object(raw, "rope_parameters", source)
+        if rope_theta is None and rope_parameters is not None:
+            rope_theta = rope_parameters.get("rope_theta")
+            if rope_parameters.get("rope_type", "default") != "default":
+                rope_scaling = rope_parameters
         if rope_scaling is not None:
             kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
             if kind not in ("llama3", "default", None):
                 raise InvalidConfigError(f"{source}: rope_scaling type {kind!r} not supported (llama3 or none)")
-            if kind != "llama3":
-                rope_scaling = None
+            rope_scaling = _llama3_scaling(rope_scaling, source) if kind == "llama3" else None
         if raw.get("dual_chunk_attention_config"):
             logger.info("%s: dual_chunk_attention_config is ignored; long context runs through PBS attention", source)
-        if arch == "Qwen2ForCausalLM":
-            attention_bias = True
-        else:
-            attention_bias = bool(raw.get("attention_bias", False))
+        torch_dtype = raw.get("torch_dtype") or raw.get("dtype")
+        if torch_dtype is not None and not isinstance(torch_dtype, str):
+            raise InvalidConfigError(f"{source}: field 'torch_dtype' must be a dtype name, got {torch_dtype!r}")
         return cls(
             architecture=arch,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=_int(raw, "vocab_size", source),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            intermediate_size=_int(raw, "intermediate_size", source),
+            num_hidden_layers=_int(raw, "num_hidden_layers", source),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            head_dim=int(raw.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            head_dim=_int(raw, "head_dim", source, default=hidden // heads),
+            rms_norm_eps=_number(raw.get("rms_norm_eps"), "rms_norm_eps", source, default=1e-6),
+            rope_theta=_number(rope_theta, "rope_theta", source, default=10000.0),
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=attention_bias,
-            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            max_position_embeddings=_int(raw, "max_position_embeddings", source, default=4096),
+            tie_word_embeddings=_bool(raw, "tie_word_embeddings", source),
+            attention_bias=arch == "Qwen2ForCausalLM" or _bool(raw, "attention_bias", source),
+            torch_dtype=torch_dtype,
         )
 
     @classmethod
@@ -91,8 +90,56 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise InvalidConfigError(f"{path}: config.json not found in the model directory")
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InvalidConfigError(f"{path}: unreadable config.json ({e})") from e
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_json_object(path, InvalidConfigError), str(path))
+
+
+_REQUIRED = object()
+
+
+def _int(raw: dict, name: str, source: str, default=_REQUIRED) -> int:
+    """A positive integer field; null or absent gives `default` where there is one."""
+    value = raw.get(name)
+    if value is None and default is not _REQUIRED:
+        return default
+    if name not in raw:
+        raise InvalidConfigError(f"{source}: missing field {name!r}")
+    if type(value) is not int or value < 1:
+        raise InvalidConfigError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(value, name: str, source: str, default=_REQUIRED) -> float:
+    """The positive number of field `name`; null or absent gives `default` where there is one."""
+    if value is None:
+        if default is _REQUIRED:
+            raise InvalidConfigError(f"{source}: missing field {name!r}")
+        return default
+    if type(value) not in (int, float) or not value > 0:
+        raise InvalidConfigError(f"{source}: field {name!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _bool(raw: dict, name: str, source: str) -> bool:
+    """A true/false field; null or absent is false."""
+    value = raw.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidConfigError(f"{source}: field {name!r} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _object(raw: dict, name: str, source: str) -> dict | None:
+    """An object field, or None where it is null or absent."""
+    value = raw.get(name)
+    if value is not None and not isinstance(value, dict):
+        raise InvalidConfigError(f"{source}: field {name!r} must be an object or null, got {value!r}")
+    return value
+
+
+def _llama3_scaling(scaling: dict, source: str) -> dict:
+    """Llama 3's rope_scaling, its four parameters checked (the low frequency bound below the high one)."""
+    for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        _number(scaling.get(name), f"rope_scaling.{name}", source)
+    if scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+        raise InvalidConfigError(f"{source}: rope_scaling low_freq_factor {scaling['low_freq_factor']} must be "
+                                 f"below high_freq_factor {scaling['high_freq_factor']}")
+    return scaling
