@@ -103,6 +103,8 @@ def _int(raw: dict, name: str, source: str, default=_REQUIRED) -> int:
         return default
     if name not in raw:
         raise InvalidConfigError(f"{source}: missing field {name!r}")
+    if type(value) is float and value.is_integer():  # some exporters write 4096.0
+        value = int(value)
     if type(value) is not int or value < 1:
         raise InvalidConfigError(f"{source}: field {name!r} must be a positive integer, got {value!r}")
     return value
