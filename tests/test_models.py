@@ -38,7 +38,7 @@ def test_pbs_dense_layers_attend_densely(tmp_path):
         meta, stats = prefill_meta(len(ids)), []
         meta.prefill_method, meta.pbs, meta.pbs_stats = method, pbs, stats
         with torch.no_grad():
-            return model.compute_logits(model(ids, torch.arange(len(ids)), meta)), [layer for layer, _ in stats]
+            return model.compute_logits(model(ids, torch.arange(len(ids)), meta)), [layer for layer, _, _ in stats]
 
     sparse = PBSConfig(block_size=16, segment_size=32, budget=0.2)
     dense, _ = run("dense", None)
