@@ -1,7 +1,16 @@
-"""Tensors in, tokens out: packs a scheduled batch, runs the model over the paged KV cache, samples."""
+"""Tensors in, tokens out: packs a scheduled batch into a StepInput, runs the model over the paged KV cache on
+every tensor-parallel rank, samples on rank 0.
+
+Under tensor parallelism rank 0 (this process) sends each step's StepInput to the other ranks (engine/workers.py)
+and all of them run `execute` in lockstep: the model's collectives join their head and vocabulary slices. The
+StepInput also lists the hidden rows whose logits rank 0 needs (sampling, prompt logprobs), so every rank takes
+part in the same vocab-parallel gathers.
+"""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -10,20 +19,45 @@ from pbs_engine.engine.cuda_graphs import DecodeGraphs
 from pbs_engine.engine.sampler import Sampler, top_logprobs
 from pbs_engine.engine.scheduler import ScheduledBatch
 from pbs_engine.engine.sequence import Sequence
+from pbs_engine.kernels import PBSConfig
 from pbs_engine.models.layers.attention import AttentionMetadata
+from pbs_engine.models.layers.parallel import SINGLE, TensorParallel
 from pbs_engine.models.loader import build_model
 
 logger = logging.getLogger(__name__)
 LOGITS_CHUNK = 1024  # rows of prompt logits materialised at once for prompt_logprobs
 
 
+@dataclass
+class StepInput:
+    """One step for the model, in host lists (what crosses to the other ranks): decode rows first."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    block_tables: list[list[int]]
+    num_decodes: int
+    context_lens: list[int]  # decode rows: tokens in cache including the new one
+    lens_q: list[int]  # prefill rows
+    lens_k: list[int]
+    prefill_method: str
+    pbs: PBSConfig
+    logit_rows: list[list[int]] = field(default_factory=list)  # hidden rows per logits call rank 0 makes
+
+    @property
+    def has_prefill(self) -> bool:
+        return bool(self.lens_q)
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_dir: str, max_model_len_from_model: bool):
+    def __init__(self, config: EngineConfig, model_dir: str, max_model_len_from_model: bool,
+                 tp: TensorParallel = SINGLE, device: torch.device | None = None):
         self.config = config
         self.max_model_len_from_model = max_model_len_from_model
-        self.device = torch.device(config.device)
+        self.tp = tp
+        self.device = device or torch.device(config.device)
         self.model = build_model(model_dir, self.device, config.torch_dtype, config.max_model_len,
-                                 config.load_format)
+                                 config.load_format, tp)
         self.model_config = self.model.config
         self.sampler = Sampler(self.device)
         self.num_kv_blocks = self._allocate_kv_cache()
@@ -35,8 +69,9 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         cfg = self.model_config
+        attn = self.model.attention_layers()[0]
         elem = torch.empty(0, dtype=self.config.torch_dtype).element_size()
-        return 2 * cfg.num_hidden_layers * self.config.kv_block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+        return 2 * cfg.num_hidden_layers * self.config.kv_block_size * attn.num_kv_heads * cfg.head_dim * elem
 
     def _allocate_kv_cache(self) -> int:
         cfg, conf = self.model_config, self.config
@@ -51,6 +86,8 @@ class ModelRunner:
             needed = -(-conf.max_model_len // conf.kv_block_size)
             if self.device.type == "cpu":
                 num_blocks = min(num_blocks, needed * conf.max_num_seqs)
+            if self.tp.size > 1:  # every rank holds the same blocks: as many as the fullest device allows
+                num_blocks = int(self.tp.all_min(torch.tensor([num_blocks], device=self.device)).item())
         capacity = num_blocks * conf.kv_block_size
         if capacity < conf.max_model_len:
             if not self.max_model_len_from_model:
@@ -59,116 +96,132 @@ class ModelRunner:
                     f"{conf.max_model_len}; lower max_model_len or give the cache more memory")
             logger.warning("max_model_len lowered from %d to %d, what the KV cache holds", conf.max_model_len, capacity)
             conf.max_model_len = capacity
+        attn = self.model.attention_layers()[0]
         # one extra block at the end: scratch space for the padding rows of CUDA-graph decode batches
-        shape = (cfg.num_hidden_layers, num_blocks + 1, conf.kv_block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, num_blocks + 1, conf.kv_block_size, attn.num_kv_heads, cfg.head_dim)
         self.k_cache = torch.empty(shape, dtype=conf.torch_dtype, device=self.device)
         self.v_cache = torch.empty(shape, dtype=conf.torch_dtype, device=self.device)
-        for i, attn in enumerate(self.model.attention_layers()):
-            attn.k_cache, attn.v_cache = self.k_cache[i], self.v_cache[i]
+        for i, layer in enumerate(self.model.attention_layers()):
+            layer.k_cache, layer.v_cache = self.k_cache[i], self.v_cache[i]
         return num_blocks
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
-
+    # ---- rank 0: batch -> StepInput, logits -> tokens -------------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs = self.config.kv_block_size
         return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def prepare(self, batch: ScheduledBatch) -> StepInput:
         """Pack the batch: decode rows (one token each) first, then each prefill chunk's tokens."""
-        ids, positions, slots, context_lens, lens_q, lens_k = [], [], [], [], [], []
+        inp = StepInput([], [], [], [], batch.num_decodes, [], [], [], self.config.attention, self.config.pbs)
+        width = max(len(s.block_table) for s in batch.seqs)
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
-            ids += seq.tokens(start, start + n)
-            positions += range(start, start + n)
-            slots += self._slots(seq, start, start + n)
+            inp.ids += seq.tokens(start, start + n)
+            inp.positions += range(start, start + n)
+            inp.slots += self._slots(seq, start, start + n)
+            inp.block_tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
             if i < batch.num_decodes:
-                context_lens.append(start + 1)
+                inp.context_lens.append(start + 1)
             else:
-                lens_q.append(n)
-                lens_k.append(start + n)
-        dev = self.device
+                inp.lens_q.append(n)
+                inp.lens_k.append(start + n)
+        return inp
 
-        def cumulative(lens):
-            return torch.tensor([0] + lens, dtype=torch.int32, device=dev).cumsum(0).to(torch.int32)
-
-        prefill = batch.has_prefill
-        meta = AttentionMetadata(
-            is_prefill=prefill,
-            num_decode_tokens=batch.num_decodes if prefill else 0,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=self._block_tables(batch.seqs),
-            cu_seqlens_q=cumulative(lens_q) if prefill else None,
-            cu_seqlens_k=cumulative(lens_k) if prefill else None,
-            seq_lens_q=lens_q,
-            seq_lens_k=lens_k,
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev) if context_lens else None,
-            prefill_method=self.config.attention,
-            pbs=self.config.pbs,
-        )
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        return as_tensor(ids), as_tensor(positions), meta
+    def _plan_logits(self, batch: ScheduledBatch, inp: StepInput) -> list[tuple[Sequence, int, int]]:
+        """Fill inp.logit_rows: first the rows sampled from, then prompt-logprob chunks; returns (seq, first
+        position, last position) of each chunk."""
+        ends = [e - 1 for e in torch.tensor(batch.num_tokens).cumsum(0).tolist()]
+        inp.logit_rows.append([ends[i] for i in range(len(batch.seqs)) if batch.completes_prompt(i)])
+        chunks = []
+        for seq, n, end in zip(batch.seqs, batch.num_tokens, ends):
+            begin, first = end - n + 1, seq.num_computed_tokens
+            if seq.params.prompt_logprobs is None or first >= seq.num_prompt_tokens:
+                continue
+            # hidden row at position p predicts token p + 1; only prompt tokens count
+            last = min(first + n, seq.num_prompt_tokens - 1)
+            done = len(seq.prompt_logprobs) - 1 if seq.prompt_logprobs else 0  # a recompute skips what is known
+            for c0 in range(max(first, done), last, LOGITS_CHUNK):
+                c1 = min(c0 + LOGITS_CHUNK, last)
+                inp.logit_rows.append(list(range(begin + c0 - first, begin + c1 - first)))
+                chunks.append((seq, c0, c1))
+        return chunks
 
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch) -> list[int | None]:
+    def step(self, batch: ScheduledBatch, workers=None) -> list[int | None]:
         """Run one scheduled batch; returns the sampled token of each sequence whose pending tokens are all done
         (None for a prefill chunk that leaves more of its prompt to compute)."""
-        ids, positions, meta = self.prepare(batch)
-        if batch.has_prefill and meta.prefill_method == "pbs":
-            meta.pbs_stats = []
-        if self.graphs is not None and not batch.has_prefill and self.graphs.fits(len(batch.seqs)):
-            hidden = self.graphs.run(ids, positions, meta)
-        else:
-            hidden = self.model(ids, positions, meta)
-        ends = torch.tensor(batch.num_tokens, device=self.device).cumsum(0) - 1
+        inp = self.prepare(batch)
+        chunks = self._plan_logits(batch, inp)
+        if workers is not None:
+            workers.send(inp)
+        results = self.execute(inp)
+        sample_logits = next(results)
+        for (seq, c0, c1), logits in zip(chunks, results):
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = [None]
+            targets = torch.tensor(seq.prompt_ids[c0 + 1:c1 + 1], device=self.device)
+            seq.prompt_logprobs += top_logprobs(torch.log_softmax(logits, dim=-1), targets, seq.params.prompt_logprobs)
+        density = next(results, None)
+        if density is not None:
+            for seq, (kept, visible) in zip(batch.seqs[batch.num_decodes:], density.tolist()):
+                seq.metrics.pbs_kept_blocks += kept
+                seq.metrics.pbs_visible_blocks += visible
         sample_rows = [i for i in range(len(batch.seqs)) if batch.completes_prompt(i)]
-        if batch.has_prefill:
-            self._prompt_logprobs(batch, hidden, ends)
-        if meta.pbs_stats:
-            self._account_density(batch, meta.pbs_stats)
         result: list[int | None] = [None] * len(batch.seqs)
         if not sample_rows:
             return result
         seqs = [batch.seqs[i] for i in sample_rows]
-        logits = self.model.compute_logits(hidden[ends[sample_rows]])
-        tokens = self.sampler(logits, seqs)
+        tokens = self.sampler(sample_logits, seqs)
         if any(s.params.logprobs is not None for s in seqs):
-            lps = torch.log_softmax(logits, dim=-1)
+            lps = torch.log_softmax(sample_logits, dim=-1)
             for j, seq in enumerate(seqs):
                 if seq.params.logprobs is not None:
-                    row = top_logprobs(lps[j:j + 1], tokens[j:j + 1], seq.params.logprobs)[0]
-                    seq.pending_logprobs = row
+                    seq.pending_logprobs = top_logprobs(lps[j:j + 1], tokens[j:j + 1], seq.params.logprobs)[0]
         for i, tok in zip(sample_rows, tokens.tolist()):
             result[i] = tok
         return result
 
-    def _account_density(self, batch: ScheduledBatch, stats: list) -> None:
-        """Add each prefill row's kept and visible block pairs (all layers, heads) to its request's metrics, read
-        from the device once per step."""
-        rows = len(batch.seqs) - batch.num_decodes
-        counts = torch.zeros(rows, 2, dtype=torch.long, device=self.device)
-        for _, row, st in stats:
-            counts[row, 0] += st.kept.sum().to(counts.device)
-            counts[row, 1] += st.visible.sum().to(counts.device)
-        for seq, (kept, visible) in zip(batch.seqs[batch.num_decodes:], counts.tolist()):
-            seq.metrics.pbs_kept_blocks += kept
-            seq.metrics.pbs_visible_blocks += visible
+    # ---- every rank ------------------------------------------------------------------------------------------------
+    def _tensors(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev = self.device
 
-    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor, ends: torch.Tensor) -> None:
-        """Log-probs of each prompt token given its prefix, for requests that asked (first computation only)."""
-        for seq, n, end in zip(batch.seqs, batch.num_tokens, ends.tolist()):
-            begin, first = end - n + 1, seq.num_computed_tokens
-            if seq.params.prompt_logprobs is not None and first < seq.num_prompt_tokens:
-                if seq.prompt_logprobs is None:
-                    seq.prompt_logprobs = [None]
-                # hidden row at position p predicts token p + 1; only prompt tokens count
-                last = min(first + n, seq.num_prompt_tokens - 1)
-                done = len(seq.prompt_logprobs) - 1  # a recompute after preemption skips what is known
-                for c0 in range(max(first, done), last, LOGITS_CHUNK):
-                    c1 = min(c0 + LOGITS_CHUNK, last)
-                    rows = hidden[begin + (c0 - first):begin + (c1 - first)]
-                    lps = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
-                    targets = torch.tensor(seq.prompt_ids[c0 + 1:c1 + 1], device=self.device)
-                    seq.prompt_logprobs += top_logprobs(lps, targets, seq.params.prompt_logprobs)
+        def tensor(x, dtype=torch.long):
+            return torch.tensor(x, dtype=dtype, device=dev)
+
+        def cumulative(lens):
+            return tensor([0] + lens, torch.int32).cumsum(0).to(torch.int32)
+
+        prefill = inp.has_prefill
+        meta = AttentionMetadata(
+            is_prefill=prefill,
+            num_decode_tokens=inp.num_decodes if prefill else 0,
+            slot_mapping=tensor(inp.slots),
+            block_tables=tensor(inp.block_tables, torch.int32),
+            cu_seqlens_q=cumulative(inp.lens_q) if prefill else None,
+            cu_seqlens_k=cumulative(inp.lens_k) if prefill else None,
+            seq_lens_q=inp.lens_q,
+            seq_lens_k=inp.lens_k,
+            context_lens=tensor(inp.context_lens, torch.int32) if inp.context_lens else None,
+            prefill_method=inp.prefill_method,
+            pbs=inp.pbs,
+            pbs_stats=[] if prefill and inp.prefill_method == "pbs" else None,
+        )
+        return tensor(inp.ids), tensor(inp.positions), meta
+
+    @torch.inference_mode()
+    def execute(self, inp: StepInput) -> Iterator[torch.Tensor]:
+        """The forward pass, then the logits of each group of inp.logit_rows in turn, then (after a PBS prefill)
+        each prefill row's (kept, visible) block pairs summed over layers, heads and ranks."""
+        ids, positions, meta = self._tensors(inp)
+        if self.graphs is not None and not inp.has_prefill and self.graphs.fits(len(inp.context_lens)):
+            hidden = self.graphs.run(ids, positions, meta)
+        else:
+            hidden = self.model(ids, positions, meta)
+        for rows in inp.logit_rows:
+            yield self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        if meta.pbs_stats is not None:
+            counts = torch.zeros(len(inp.lens_q), 2, dtype=torch.long, device=self.device)
+            for _, row, st in meta.pbs_stats:
+                counts[row, 0] += st.kept.sum().to(counts.device)
+                counts[row, 1] += st.visible.sum().to(counts.device)
+            yield self.tp.all_reduce(counts)

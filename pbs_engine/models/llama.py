@@ -10,17 +10,21 @@ from pbs_engine.models.layers.attention import Attention, AttentionMetadata
 from pbs_engine.models.layers.embedding import LMHead, VocabEmbedding
 from pbs_engine.models.layers.linear import Linear
 from pbs_engine.models.layers.norm import RMSNorm
+from pbs_engine.models.layers.parallel import SINGLE, TensorParallel, kv_head_split
 from pbs_engine.models.layers.rotary import RotaryEmbedding
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, tp: TensorParallel):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, [cfg.hidden_size])
+        d = cfg.head_dim
+        q_heads, kv_heads = tp.split(cfg.num_attention_heads), kv_head_split(tp, cfg.num_key_value_heads)
+        self.num_heads, self.num_kv_heads, self.head_dim = q_heads.stop - q_heads.start, kv_heads.stop - kv_heads.start, d
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        rows = lambda heads: slice(heads.start * d, heads.stop * d)  # noqa: E731
+        self.qkv_proj = Linear(cfg.hidden_size, [cfg.num_attention_heads * d] + [cfg.num_key_value_heads * d] * 2,
+                               bias=cfg.attention_bias, sources=[rows(q_heads), rows(kv_heads), rows(kv_heads)], tp=tp)
+        self.o_proj = Linear(cfg.num_attention_heads * d, [cfg.hidden_size], in_source=rows(q_heads), tp=tp)
         self.rotary = rotary
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim)
 
@@ -35,10 +39,11 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, tp: TensorParallel):
         super().__init__()
-        self.gate_up_proj = Linear(hidden, [intermediate, intermediate])
-        self.down_proj = Linear(intermediate, [hidden])
+        mine = tp.split(intermediate)
+        self.gate_up_proj = Linear(hidden, [intermediate, intermediate], sources=[mine, mine], tp=tp)
+        self.down_proj = Linear(intermediate, [hidden], in_source=mine, tp=tp)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +51,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, tp: TensorParallel):
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, layer_idx, rotary)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.self_attn = DecoderAttention(cfg, layer_idx, rotary, tp)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -64,11 +69,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int):
+    def __init__(self, cfg: ModelConfig, max_position: int, tp: TensorParallel):
         super().__init__()
         rotary = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary) for i in range(cfg.num_hidden_layers))
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, rotary, tp) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta):
@@ -88,11 +93,11 @@ class LlamaForCausalLM(nn.Module):
     # checkpoint tensors that carry nothing we need
     ignored_suffixes = ("rotary_emb.inv_freq",)
 
-    def __init__(self, cfg: ModelConfig, max_position: int):
+    def __init__(self, cfg: ModelConfig, max_position: int, tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, max_position)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
+        self.model = DecoderModel(cfg, max_position, tp)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -1,6 +1,7 @@
 """Build a model from a Hugging Face style directory and stream its safetensors weights straight to the device."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ from pbs_engine.models.errors import (
     UnexpectedTensorError,
     UnsupportedDtypeError,
 )
+from pbs_engine.models.layers.embedding import LMHead, VocabEmbedding
 from pbs_engine.models.layers.linear import Linear
+from pbs_engine.models.layers.parallel import SINGLE, TensorParallel
 from pbs_engine.models.llama import LlamaForCausalLM
 from pbs_engine.models.model_files import TensorInfo, read_json_object, read_safetensors_header
 from pbs_engine.models.qwen2 import Qwen2ForCausalLM
@@ -51,24 +54,24 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 def load_weights(model: LlamaForCausalLM, checkpoint: dict[Path, dict[str, TensorInfo]],
                  device: torch.device) -> None:
     """Check every checkpoint tensor against the parameter it fills (place, dtype, shape) and that none is missing,
-    then copy them in one at a time, converting dtype on the way."""
+    then copy them in one at a time, converting dtype on the way; under tensor parallelism only this rank's slice
+    of each tensor is read from the file."""
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
-    plan: dict[Path, list[tuple[str, torch.Tensor]]] = {}
+    plan: dict[Path, list[tuple[str, torch.Tensor, tuple]]] = {}
     loaded: set[str] = set()
     for path, tensors in checkpoint.items():
         plan[path] = []
         for name, info in tensors.items():
             if name.endswith(model.ignored_suffixes) or (name == "lm_head.weight" and model.config.tie_word_embeddings):
                 continue
-            key, target = _destination(model, params, modules, name, path)
+            key, target, index, shape = _destination(model, params, modules, name, path)
             if info.dtype not in FLOAT_DTYPES:
                 raise UnsupportedDtypeError(
                     f"{path}: tensor {name!r} has dtype {info.dtype}; weights must be {', '.join(FLOAT_DTYPES)}")
-            if info.shape != tuple(target.shape):
-                raise ShapeMismatchError(
-                    f"{path}: tensor {name!r} has shape {info.shape}, the model expects {tuple(target.shape)}")
-            plan[path].append((name, target))
+            if info.shape != shape:
+                raise ShapeMismatchError(f"{path}: tensor {name!r} has shape {info.shape}, the model expects {shape}")
+            plan[path].append((name, target, index))
             loaded.add(key)
     missing = sorted(_expected_keys(model, params, modules) - loaded)
     if missing:
@@ -79,8 +82,9 @@ def load_weights(model: LlamaForCausalLM, checkpoint: dict[Path, dict[str, Tenso
     for path, targets in plan.items():
         try:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
-                for name, target in targets:
-                    target.copy_(f.get_tensor(name))
+                for name, target, index in targets:
+                    part = f.get_slice(name)[index] if index else f.get_tensor(name)
+                    target[:part.shape[0]].copy_(part)  # a padded vocabulary slice keeps zero rows at its end
         except SafetensorError as e:
             raise CorruptCheckpointError(f"{path}: {e}") from e
 
@@ -99,24 +103,31 @@ def _expected_keys(model, params, modules) -> set[str]:
     return keys
 
 
-def _destination(model, params, modules, name: str, path: Path) -> tuple[str, torch.Tensor]:
-    """Where checkpoint tensor `name` goes: the key it fills ("param#shard" for a merged projection) and the
-    parameter data, or the rows of it, that it is copied into."""
+def _destination(model, params, modules, name: str, path: Path) -> tuple[str, torch.Tensor, tuple, tuple]:
+    """Where checkpoint tensor `name` goes: the key it fills ("param#shard" for a merged projection), the parameter
+    data (or rows of it) it is copied into, the slice of the checkpoint tensor this rank reads (empty: all of it)
+    and the shape the checkpoint tensor must have."""
     prefix, _, leaf = name.rpartition(".")
     module_path, _, proj = prefix.rpartition(".")
+    module = modules.get(prefix)
     if proj in model.packed_modules:
         merged, shard = model.packed_modules[proj]
         target = f"{module_path}.{merged}.{leaf}"
         module = modules.get(f"{module_path}.{merged}")
         if isinstance(module, Linear) and target in params:
-            return f"{target}#{shard}", params[target].data[module.shard_rows(shard)]
+            return (f"{target}#{shard}", params[target].data[module.shard_rows(shard)],
+                    module.source_index(shard, leaf), module.checkpoint_shape(shard, leaf))
     elif name in params:
-        return name, params[name].data
+        if isinstance(module, Linear):
+            return name, params[name].data, module.source_index(0, leaf), module.checkpoint_shape(0, leaf)
+        if isinstance(module, (VocabEmbedding, LMHead)):
+            return name, params[name].data, module.source_index(), module.full_shape
+        return name, params[name].data, (), tuple(params[name].shape)
     raise UnexpectedTensorError(f"{path}: tensor {name!r} has no place in {type(model).__name__}")
 
 
 def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_position: int,
-                load_format: str = "auto") -> LlamaForCausalLM:
+                load_format: str = "auto", tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
     """Instantiate the architecture config.json names directly on `device` in `dtype`, then load its weights
     ("auto"), or fill them with random values ("dummy": config.json alone suffices; for speed runs, never quality)."""
     model_dir = Path(model_dir)
@@ -126,7 +137,7 @@ def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = MODEL_CLASSES[cfg.architecture](cfg, max_position)
+            model = MODEL_CLASSES[cfg.architecture](cfg, max_position, tp)
     finally:
         torch.set_default_dtype(previous)
     if load_format == "dummy":
@@ -138,9 +149,23 @@ def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
 
 @torch.no_grad()
 def randomise(model: LlamaForCausalLM, std: float = 0.02) -> None:
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, std, generator=gen)
+    """Random weights drawn whole, as a checkpoint would hold them, then sliced: every tensor-parallel size gives
+    the same model."""
+    device = next(model.parameters()).device
+    for index, (name, module) in enumerate(model.named_modules()):
+        if isinstance(module, Linear):
+            for shard in range(len(module.full_sizes)):
+                for leaf in ("weight", "bias") if module.bias is not None else ("weight",):
+                    full = _normal(module.checkpoint_shape(shard, leaf), std, (index, shard, leaf), device)
+                    getattr(module, leaf).data[module.shard_rows(shard)].copy_(full[module.source_index(shard, leaf)])
+        elif isinstance(module, (VocabEmbedding, LMHead)) and not (
+                isinstance(module, LMHead) and model.config.tie_word_embeddings):
+            part = _normal(module.full_shape, std, (index,), device)[module.source_index()]
+            module.weight.data[:part.shape[0]].copy_(part)
+        elif name.endswith("norm"):
+            module.weight.data.fill_(1.0)
+
+
+def _normal(shape: tuple[int, ...], std: float, key: tuple, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(zlib.crc32(repr(key).encode()))  # the same in every process
+    return torch.empty(shape, device=device).normal_(0.0, std, generator=gen)

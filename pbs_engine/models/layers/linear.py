@@ -1,25 +1,49 @@
-"""Linear layers, merged ones (qkv, gate_up) knowing which rows each checkpoint projection fills."""
+"""Linear layers: merged ones (qkv, gate_up) know which rows each checkpoint projection fills; under tensor
+parallelism a column-parallel layer holds a slice of each projection's rows, a row-parallel one a slice of the
+input columns and all-reduces its output."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pbs_engine.models.layers.parallel import SINGLE, TensorParallel
+
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). `output_sizes` with more than one entry makes a merged projection (qkv, gate_up)."""
+    """y = x W^T (+ b). `output_sizes` with more than one entry makes a merged projection (qkv, gate_up).
+    `sources[i]`: the rows of checkpoint projection i this rank holds (column parallel; default all of them);
+    `in_source`: the input columns it holds (row parallel: the partial outputs are summed over `tp`)."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
+                 sources: list[slice] | None = None, in_source: slice | None = None, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.output_sizes = list(output_sizes)
-        out = sum(output_sizes)
-        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
+        self.sources = sources or [slice(0, n) for n in output_sizes]
+        self.full_sizes, self.in_features = list(output_sizes), in_features  # as the checkpoint stores them
+        self.output_sizes = [s.stop - s.start for s in self.sources]
+        self.in_source = in_source
+        self.tp = tp
+        in_local = in_features if in_source is None else in_source.stop - in_source.start
+        self.weight = nn.Parameter(torch.empty(sum(self.output_sizes), in_local), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(sum(self.output_sizes)), requires_grad=False) if bias else None
 
     def shard_rows(self, shard: int) -> slice:
         """The rows of the weight (and bias) that checkpoint projection `shard` fills."""
         start = sum(self.output_sizes[:shard])
         return slice(start, start + self.output_sizes[shard])
 
+    def checkpoint_shape(self, shard: int, leaf: str) -> tuple[int, ...]:
+        return (self.full_sizes[shard], self.in_features) if leaf == "weight" else (self.full_sizes[shard],)
+
+    def source_index(self, shard: int, leaf: str) -> tuple[slice, ...]:
+        """The part of checkpoint tensor `leaf` ("weight" or "bias") of projection `shard` this rank loads."""
+        rows = self.sources[shard]
+        if leaf == "weight" and self.in_source is not None:
+            return rows, self.in_source
+        return (rows,)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.in_source is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(F.linear(x, self.weight))  # row parallel: the bias is added once, after the sum
+        return y if self.bias is None else y + self.bias
