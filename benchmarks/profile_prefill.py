@@ -1,6 +1,6 @@
 """Where a long PBS prefill at a 10% block budget spends its GPU time: torch.profiler table of one warm prefill
 in the Qwen2.5-7B-1M shape with random weights. Run on a GPU: PYTHONPATH=. python benchmarks/profile_prefill.py
-[tokens, default 131072] [query_reps, default 4] (docs/results/profile_128k_budget10_session4.txt)."""
+[tokens, default 131072] [query_reps, default 4] (docs/results/h100/profile-prefill-128k.json)."""
 import sys
 
 from torch.profiler import ProfilerActivity, profile

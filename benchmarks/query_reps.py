@@ -1,7 +1,8 @@
 """What `PBSConfig.query_reps` (pooled queries per query block) costs: selection time and sparse attention time
 against the dense kernel, threshold and budget modes. Qwen2.5-7B heads (28/4, d=128); random Q/K/V have diffuse
 attention, so the threshold rows keep many blocks: their selection time is the point, not their density.
-Run on a GPU: PYTHONPATH=. python benchmarks/query_reps.py [lengths, default 32768,131072]."""
+Run on a GPU: PYTHONPATH=. python benchmarks/query_reps.py [lengths, default 32768,131072]
+(docs/results/h100/query-reps.json)."""
 import sys
 from dataclasses import replace
 

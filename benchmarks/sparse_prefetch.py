@@ -1,6 +1,6 @@
 """Sparse PBS kernel cost per kept block against the dense kernel: block index prefetched or not, per-head or
 per-KV-group (shared) lists, mean or lse block scores; selection time. Qwen2.5-7B heads, random Q/K/V, 32K and 128K.
-Run on a GPU: PYTHONPATH=. python benchmarks/sparse_prefetch.py (docs/results/sparse_prefetch_session3.txt)."""
+Run on a GPU: PYTHONPATH=. python benchmarks/sparse_prefetch.py (what it showed: docs/history.md, Kernels)."""
 from dataclasses import replace
 
 import torch
