@@ -13,8 +13,8 @@ class PBSConfig:
     threshold: float = 0.7  # keep the fewest key blocks whose share of the block-score mass outside the diagonal
     # segment reaches this (the paper's rule: the diagonal segment is always kept and takes no part in the softmax)
     permute: bool = False  # sort keys inside segments by the last query block's attention (the paper's permutation);
-    # off by default: on Qwen2.5-Coder-0.5B at 32K it raised NLL (+2.2% vs -0.1% at threshold 0.9, density 0.23 vs
-    # 0.24, docs/eval.md): with GQA one permutation serves 7 query heads and breaks the blocks' local coherence
+    # off by default: on Qwen2.5-Coder-0.5B at 32K it raised NLL (+0.65% vs -1.15%, density 0.172 vs 0.193,
+    # docs/eval.md): the sorted blocks lose the local coherence that makes a pooled block a good summary
     shared_permutation: bool = True  # with GQA, one permutation per KV head from its query heads' pooled attention;
     # False: one per query head over repeated K/V (the paper's code; group x the K/V copies while selecting)
     shared_selection: bool = False  # with GQA, one list of key blocks per KV head, chosen by its query heads' mean
