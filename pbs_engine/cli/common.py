@@ -19,6 +19,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--attention", choices=["pbs", "dense"], default="pbs", help="prefill attention (default: pbs)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many GPUs (or CPU processes), one worker process each")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached K/V of prompt blocks shared with earlier requests (default: on)")
     g.add_argument("--pbs-threshold", type=float, default=None, help="PBS block-selection mass threshold")
@@ -61,6 +63,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
            if v is not None}
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                 max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),
+                tensor_parallel_size=args.tensor_parallel_size,
                 enable_prefix_caching=args.enable_prefix_caching)
 
 

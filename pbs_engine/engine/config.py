@@ -24,6 +24,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_bytes: int = 4 << 30
     max_num_seqs: int = 128
+    tensor_parallel_size: int = 1  # ranks the model's heads, MLP and vocabulary are split over (one process each)
     max_num_batched_tokens: int | None = None  # per-step token budget; None: 16384 on cuda, 4096 on cpu
     chunked_prefill: bool = True
     max_num_partial_prefills: int = 4  # prompts prefilled side by side in one step
@@ -59,6 +60,13 @@ class EngineConfig:
             self.kv_block_size = 256 if dev.type == "cuda" else 16
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 16384 if dev.type == "cuda" else 4096
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be an integer >= 1")
+        if dev.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} but only {torch.cuda.device_count()} "
+                             f"CUDA devices are visible")
+        if dev.type == "cuda" and self.tensor_parallel_size > 1 and dev.index not in (None, 0):
+            raise ValueError(f"device={self.device!r}: with tensor parallelism rank r runs on cuda:r; give 'cuda'")
         for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_num_partial_prefills"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

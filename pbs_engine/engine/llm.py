@@ -25,6 +25,10 @@ class LLM:
                                    max_model_len=max_model_len, **kwargs)
         self.engine = LLMEngine(self.config)
 
+    def shutdown(self) -> None:
+        """Release the tensor-parallel worker processes (nothing to do with one rank)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 

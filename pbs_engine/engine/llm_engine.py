@@ -16,9 +16,22 @@ from pbs_engine.engine.sampling_params import SamplingParams
 from pbs_engine.engine.scheduler import ScheduledBatch, Scheduler
 from pbs_engine.engine.sequence import Sequence
 from pbs_engine.engine.tokenizer import Tokenizer
+from pbs_engine.engine.workers import WorkerError, Workers, process_group, rank_device
 from pbs_engine.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
+
+
+def check_tensor_parallel(cfg: ModelConfig, size: int) -> None:
+    """The model's heads, KV heads and MLP must split evenly over `size` ranks (KV heads may be replicated)."""
+    kv = cfg.num_key_value_heads
+    problems = [f"num_attention_heads={cfg.num_attention_heads}" if cfg.num_attention_heads % size else None,
+                f"num_key_value_heads={kv}" if (kv % size if kv >= size else size % kv) else None,
+                f"intermediate_size={cfg.intermediate_size}" if cfg.intermediate_size % size else None]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"tensor_parallel_size={size} does not divide the model's {', '.join(problems)} "
+                         f"(KV heads may also be fewer than the ranks if they divide them)")
 
 
 class LLMEngine:
@@ -32,8 +45,21 @@ class LLMEngine:
         elif config.max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_config.max_position_embeddings}")
+        check_tensor_parallel(model_config, config.tensor_parallel_size)
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(self.model_dir)
-        self.runner = ModelRunner(config, str(self.model_dir), from_model)
+        self.workers = None
+        if config.tensor_parallel_size > 1:
+            self.workers = Workers(config, str(self.model_dir), from_model)
+            try:
+                tp = process_group(config, 0, self.workers.port)
+                self.runner = ModelRunner(config, str(self.model_dir), from_model, tp, rank_device(config, 0))
+                self.workers.wait_ready()
+            except Exception:
+                self.workers.check(wait=2.0)  # a worker's own error says more than the broken collective
+                self.workers.stop()
+                raise
+        else:
+            self.runner = ModelRunner(config, str(self.model_dir), from_model)
         self.model_config = self.runner.model_config
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
@@ -119,8 +145,11 @@ class LLMEngine:
         """The runner's tokens for the batch; if the batch fails, each sequence runs alone so that the failure is
         pinned on the requests that cause it (their error message in the second list)."""
         try:
-            return self.runner.step(batch), [None] * len(batch.seqs)
+            return self.runner.step(batch, self.workers), [None] * len(batch.seqs)
         except Exception as e:
+            if self.workers is not None:  # a failed collective leaves the ranks out of step: nothing more can run
+                self.workers.check(wait=2.0)
+                raise WorkerError(f"tensor-parallel step failed: {type(e).__name__}: {e}") from e
             if len(batch.seqs) == 1:
                 logger.exception("request %s failed in the engine", batch.seqs[0].request_id)
                 return [None], [f"{type(e).__name__}: {e}"]
@@ -135,6 +164,12 @@ class LLMEngine:
         seq.metrics.finished_time = time.time()
         self.scheduler.finish(seq)
         self.runner.sampler.release(seq)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (the engine runs no more steps)."""
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
 
     def _oldest_waiting(self) -> float:
         """Age of the oldest request that has no token yet (0 when none waits)."""
