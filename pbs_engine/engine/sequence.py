@@ -56,10 +56,3 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
-
-    def num_blocks(self, block_size: int) -> int:
-        return (len(self) + block_size - 1) // block_size
