@@ -19,6 +19,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--attention", choices=["pbs", "dense"], default="pbs", help="prefill attention (default: pbs)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
+    g.add_argument("--max-num-partial-prefills", type=int, default=4,
+                   help="prompts prefilled side by side in one step (default: 4)")
+    g.add_argument("--long-prefill-token-threshold", type=int, default=None,
+                   help="while others wait, tokens one prompt may take per step (default: a quarter of the step)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many GPUs (or CPU processes), one worker process each")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -64,6 +68,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                 max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),
                 tensor_parallel_size=args.tensor_parallel_size,
+                max_num_partial_prefills=args.max_num_partial_prefills,
+                long_prefill_token_threshold=args.long_prefill_token_threshold,
                 enable_prefix_caching=args.enable_prefix_caching)
 
 
