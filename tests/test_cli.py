@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from pbs_engine.cli.main import main
 
 
@@ -42,3 +44,19 @@ def test_missing_model_is_a_message_not_a_traceback(tmp_path, capsys):
 def test_convert_rejects_a_missing_file(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "absent.gguf"), str(tmp_path / "out")]) == 2
     assert "absent.gguf" in capsys.readouterr().err
+
+
+def test_help_and_typos_do_not_import_torch():
+    probe = ("import sys\nfrom pbs_engine.cli.main import main\nfor argv in (['--help'], ['generate', '--help'], "
+             "['generat']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip().splitlines()[-1] == "False", res.stderr
+
+
+def test_an_unknown_option_shows_the_subcommand_usage(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--bogus", "hi"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert "usage: pbs-engine generate" in err and "unrecognized arguments: --bogus" in err

@@ -5,9 +5,13 @@ import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="GPU benchmarks (kernels, prefill TTFT, decode throughput)")
+    sub.add_parser("bench", help="benchmarks: GPU kernels, prefill TTFT, decode throughput; CLI start-up", build=_add_kinds)
+
+
+def _add_kinds(p: argparse.ArgumentParser) -> None:
+    """The kinds' options: built only when `bench` is used, as their modules import torch."""
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
-    from pbs_engine.bench import kernels, runtime
+    from pbs_engine.bench import kernels, runtime, startup
 
     k = kinds.add_parser("kernels", help="attention kernels vs torch SDPA (cuDNN, flash), FlexAttention")
     kernels.add_args(k)
@@ -16,6 +20,7 @@ def register(sub) -> None:
         q = kinds.add_parser(name, help=f"engine {name} vs HF transformers")
         runtime.add_args(q, prefill=is_prefill)
         q.set_defaults(func=_needs_gpu(fn))
+    startup.register(kinds)
 
 
 def _needs_gpu(fn):

@@ -6,9 +6,6 @@ import logging
 import sys
 from typing import Callable
 
-from pbs_engine.kernels import PBSConfig
-from pbs_engine.kernels.config import BLOCK_SCORES
-
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -29,7 +26,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pbs-local-segments", type=int, default=None,
                    help="PBS: also always keep this many segments before the diagonal one (recent window)")
     g.add_argument("--pbs-dense-layers", type=int, default=None, help="PBS: the first N layers attend densely")
-    g.add_argument("--pbs-block-score", choices=BLOCK_SCORES, default=None,
+    g.add_argument("--pbs-block-score", default=None,
                    help="PBS block score: mean-pooled keys (mean) or the pooled query's attention mass per block "
                         "(lse); docs/eval.md")
     g.add_argument("--pbs-query-reps", type=int, default=None,
@@ -54,6 +51,8 @@ def sampling_params(args: argparse.Namespace):
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
+    from pbs_engine.kernels import PBSConfig  # torch: imported when a command runs, not for --help
+
     pbs = {k: v for k, v in (("threshold", args.pbs_threshold), ("block_size", args.pbs_block_size),
                              ("segment_size", args.pbs_segment_size), ("local_segments", args.pbs_local_segments),
                              ("dense_layers", args.pbs_dense_layers), ("permute", args.pbs_permute),
