@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from typing import Callable
 
 
@@ -61,6 +62,19 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                 max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),
                 enable_prefix_caching=args.enable_prefix_caching)
+
+
+def load_llm(args: argparse.Namespace, **overrides):
+    """The LLM the model options describe, announced on stderr: first use converts, big models take a while."""
+    from pbs_engine import LLM
+    from pbs_engine.engine.model_source import DEFAULT_MODEL
+
+    print(f"pbs-engine: loading model {args.model or DEFAULT_MODEL}", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    llm = LLM(**{**llm_kwargs(args), **overrides})
+    print(f"pbs-engine: model loaded in {time.monotonic() - start:.1f}s ({llm.config.device}, {llm.config.dtype}, "
+          f"max_model_len {llm.config.max_model_len})", file=sys.stderr, flush=True)
+    return llm
 
 
 def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -87,6 +87,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def num_prompt_tokens_computed(self) -> int:
+        """Prompt tokens whose K/V are in the cache, over the unfinished requests: prefill progress for a bar."""
+        return sum(min(seq.num_computed_tokens, seq.num_prompt_tokens) for seq in self.seqs.values())
+
     # ---- the loop ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for every request that produced text or finished in it."""
