@@ -17,6 +17,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--attention", choices=["pbs", "dense"], default="pbs", help="prefill attention (default: pbs)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
+    g.add_argument("--max-num-seqs", type=int, default=128,
+                   help="requests decoded together in one batch (default: 128)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached K/V of prompt blocks shared with earlier requests (default: on)")
     g.add_argument("--pbs-threshold", type=float, default=None, help="PBS block-selection mass threshold")
@@ -42,13 +44,15 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: 
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer where TEXT appears, TEXT left out (repeatable)")
 
 
 def sampling_params(args: argparse.Namespace):
     from pbs_engine import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -61,7 +65,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
            if v is not None}
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                 max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),
-                enable_prefix_caching=args.enable_prefix_caching)
+                max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching)
 
 
 def load_llm(args: argparse.Namespace, **overrides):

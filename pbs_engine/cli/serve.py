@@ -22,7 +22,6 @@ def register(sub) -> None:
                    help="the model id clients pass as `model` (default: --model, or the embedded model's alias)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests allowed to wait for their first token; more get 503 (default: 256)")
-    p.add_argument("--max-num-seqs", type=int, default=128, help="requests decoded together in one batch")
     p.add_argument("--verbose", "-v", action="store_true", help="log every HTTP request")
     add_model_args(p)
     p.set_defaults(func=run)
@@ -45,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port {args.port} is not a TCP port")
-    llm = LLM(**llm_kwargs(args), max_num_seqs=args.max_num_seqs)
+    llm = LLM(**llm_kwargs(args))
     name = served_name(args)
     app = create_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
     print(f"pbs-engine: serving {name!r} at http://{args.host}:{args.port}/v1"
