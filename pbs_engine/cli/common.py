@@ -17,6 +17,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--attention", choices=["pbs", "dense"], default="pbs", help="prefill attention (default: pbs)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
+    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template (a file, or the template itself) instead of the model's")
     g.add_argument("--max-num-seqs", type=int, default=128,
                    help="requests decoded together in one batch (default: 128)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -65,7 +67,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
            if v is not None}
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                 max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),
-                max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching)
+                max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching,
+                chat_template=args.chat_template)
 
 
 def load_llm(args: argparse.Namespace, **overrides):

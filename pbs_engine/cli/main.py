@@ -9,10 +9,10 @@ import sys
 from typing import Callable
 
 from pbs_engine import __version__
-from pbs_engine.cli import batch, bench, chat, convert, evaluate, generate, serve
+from pbs_engine.cli import batch, bench, chat, convert, evaluate, generate, models, serve
 from pbs_engine.cli.common import run_command
 
-COMMANDS = [generate, chat, serve, batch, convert, bench, evaluate]
+COMMANDS = [generate, chat, serve, batch, convert, models, bench, evaluate]
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -35,7 +35,7 @@ class LLMEngine:
         elif config.max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_config.max_position_embeddings}")
-        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(self.model_dir)
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(self.model_dir, config.chat_template)
         self.runner = ModelRunner(config, str(self.model_dir), from_model)
         self.model_config = self.runner.model_config
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size, config.enable_prefix_caching)

@@ -29,7 +29,8 @@ def _ids(value) -> list[int]:
 
 
 class Tokenizer:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, chat_template: str | None = None):
+        """`chat_template` (Jinja source) replaces the model's own."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
@@ -44,6 +45,8 @@ class Tokenizer:
         if isinstance(self.chat_template, list):  # named templates: take the default one
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default", next(iter(named.values()), None))
+        if chat_template is not None:
+            self.chat_template = chat_template
         self.bos_token = _token_str(cfg.get("bos_token"))
         self.eos_token = _token_str(cfg.get("eos_token"))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
