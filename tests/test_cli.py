@@ -1,4 +1,4 @@
-"""The `pbs-engine` command: help and start-up, generate, --chat-template, convert, models, clear messages for bad input."""
+"""`pbs-engine`: help and start-up, generate, --chat-template, convert, models; clear messages for bad input."""
 from __future__ import annotations
 
 import json
