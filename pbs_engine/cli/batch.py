@@ -242,8 +242,8 @@ def run(args: argparse.Namespace) -> int:
             pending[engine.add_request(ids, params, request_id=str(len(pending)))] = (doc, truncated)
             prompt_tokens += len(ids)
         if pending:
-            print(f"pbs-engine: queued {len(pending)} document{'s' * (len(pending) > 1)}, {prompt_tokens} prompt tokens",
-                  file=sys.stderr)
+            n = len(pending)
+            print(f"pbs-engine: queued {n} document{'s' * (n > 1)}, {prompt_tokens} prompt tokens", file=sys.stderr)
             _generate(engine, pending, writer, prompt_tokens, params.max_tokens)
     except KeyboardInterrupt:
         print(f"\npbs-engine: interrupted; finished documents are in {output}; rerun with --resume", file=sys.stderr)

@@ -5,7 +5,8 @@ import argparse
 
 
 def register(sub) -> None:
-    sub.add_parser("bench", help="benchmarks: GPU kernels, prefill TTFT, decode throughput; CLI start-up", build=_add_kinds)
+    sub.add_parser("bench", help="benchmarks: GPU kernels, prefill TTFT, decode throughput; CLI start-up",
+                   build=_add_kinds)
 
 
 def _add_kinds(p: argparse.ArgumentParser) -> None:
