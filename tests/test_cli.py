@@ -1,10 +1,16 @@
-"""The `pbs-engine` command: help, generate, and clear messages for bad input."""
+"""`pbs-engine`: help and start-up, generate, --chat-template, convert, models; clear messages for bad input."""
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
+import pytest
+
+import fixtures
 from pbs_engine.cli.main import main
+from pbs_engine.engine.tokenizer import Tokenizer
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -42,3 +48,69 @@ def test_missing_model_is_a_message_not_a_traceback(tmp_path, capsys):
 def test_convert_rejects_a_missing_file(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "absent.gguf"), str(tmp_path / "out")]) == 2
     assert "absent.gguf" in capsys.readouterr().err
+
+
+def test_help_and_typos_do_not_import_torch():
+    probe = ("import sys\nfrom pbs_engine.cli.main import main\nfor argv in (['--help'], ['generate', '--help'], "
+             "['generat']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip().splitlines()[-1] == "False", res.stderr
+
+
+def test_an_unknown_option_shows_the_subcommand_usage(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--bogus", "hi"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert "usage: pbs-engine generate" in err and "unrecognized arguments: --bogus" in err
+
+
+def test_chat_template_replaces_the_models_own(smollm2_path, tmp_path, capsys):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}Q: {{ m.content }}\n{% endfor %}A:")
+    assert main(["generate", "--model", str(smollm2_path), "--device", "cpu", "--chat-template", str(template),
+                 "--json", "--max-tokens", "2", "What is two plus two?"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    expected = Tokenizer(smollm2_path).encode("Q: What is two plus two?\nA:", add_special_tokens=False)
+    assert answer["prompt_tokens"] == len(expected)
+
+
+def test_a_chat_template_that_is_neither_a_file_nor_a_template_is_refused(tmp_path, capsys):
+    assert main(["generate", "--chat-template", str(tmp_path / "absent.jinja"), "hi"]) == 2
+    assert "chat_template=" in capsys.readouterr().err
+
+
+def test_convert_refuses_to_write_into_a_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["convert", str(tmp_path / "any.gguf"), str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+
+
+def test_convert_with_force_writes_into_a_non_empty_folder(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert main(["convert", str(fixtures.smollm2_gguf()), str(out), "--force"]) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_models_lists_the_converted_models_and_removes_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PBS_ENGINE_CACHE", str(tmp_path))
+    for name, size in (("small-0123", 3 << 20), ("big-4567", 5 << 30 >> 4)):
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        with open(folder / "model.safetensors", "wb") as f:
+            f.truncate(size)
+    (tmp_path / "models" / "partial.tmp99").mkdir()  # an unfinished conversion: no config.json
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(r"big-4567\s+320\.0 MiB", listing) and re.search(r"small-0123\s+3\.0 MiB", listing)
+    assert "partial" not in listing
+    assert main(["models", "--remove", "small-0123"]) == 0
+    assert "removed small-0123" in capsys.readouterr().out and not (tmp_path / "models" / "small-0123").exists()
+    assert main(["models", "--remove", "small-0123"]) == 2
+    assert "small-0123" in capsys.readouterr().err and (tmp_path / "models" / "big-4567").is_dir()

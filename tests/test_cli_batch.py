@@ -1,7 +1,10 @@
 """`pbs-engine batch`: one durable JSON line per document, exactly once across interrupted and resumed runs."""
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,83 @@ def test_truncation_keeps_the_start_and_end_of_the_document(smollm2):
     text = tok.decode(ids)
     assert truncated and len(ids) <= 120
     assert "Chapter one begins" in text and "end of the tale" in text and ELISION.strip() in text
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def one_doc(tmp_path, monkeypatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "eiffel.txt").write_text(SHORT["eiffel.txt"])
+    return tmp_path
+
+
+def run_docs(smollm2_path, *extra: str) -> int:
+    return main(["batch", "docs", "--output", "out.jsonl", "--model", str(smollm2_path), "--device", "cpu",
+                 "--attention", "dense", "--max-tokens", "4", *extra])
+
+
+def test_progress_off_a_terminal_is_plain_lines_of_documents_and_tokens(smollm2_path, one_doc, capsys):
+    assert run_docs(smollm2_path) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "1 of 1 documents to summarise" in err and "loading model" in err and "queued 1 document" in err
+    assert re.search(r"batch:   0% 0/\d+ \[00:00<\?.*0/1 docs, 0/\d+ prompt tokens read", err)
+    assert re.search(r"batch: 100% (\d+)/\1 \[.*tok/s, 1/1 docs, (\d+)/\2 prompt tokens read, [1-4] generated\]", err)
+
+
+def test_progress_on_a_terminal_is_a_redrawn_bar_with_an_eta(smollm2_path, one_doc, monkeypatch):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert run_docs(smollm2_path) == 0
+    redraws = terminal.getvalue().split("\r")
+    assert len(redraws) >= 2 and "batch:   0%|" in redraws[1] and "<?" in redraws[1]
+    assert "batch: 100%|" in redraws[-1] and "1/1 docs" in redraws[-1] and "<00:00" in redraws[-1]
+
+
+def test_a_non_utf8_file_is_named_and_gets_an_error_line(tmp_path):
+    (tmp_path / "cyrillic.txt").write_bytes("Привет".encode("cp1251"))
+    [doc] = read_documents([str(tmp_path)])
+    assert doc.id == str(tmp_path / "cyrillic.txt") and "not UTF-8" in doc.error
+
+
+def test_a_non_utf8_jsonl_line_is_named(tmp_path):
+    (tmp_path / "docs.jsonl").write_bytes(b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "\xd0"}\n')
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: not UTF-8"):
+        read_documents([str(tmp_path / "docs.jsonl")])
+
+
+@pytest.mark.parametrize("make", [lambda p: (p / "empty").mkdir(), lambda p: (p / "empty.jsonl").write_text("\n")],
+                         ids=["folder", "jsonl"])
+def test_an_input_without_documents_is_an_error_naming_it(tmp_path, monkeypatch, capsys, make):
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path)
+    name = next(tmp_path.iterdir()).name
+    assert main(["batch", name, "--output", "out.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {name}: no " in err and "nothing to do" not in err
+
+
+def test_unreadable_and_empty_documents_get_error_lines_and_the_batch_goes_on(smollm2_path, one_doc, capsys):
+    (one_doc / "docs" / "latin1.txt").write_bytes("Café".encode("latin-1"))
+    (one_doc / "docs" / "blank.md").write_text("  \n\n ")
+    assert run_docs(smollm2_path) == 0
+    lines = {r["id"]: r for r in results(one_doc)}
+    assert "not UTF-8" in lines["docs/latin1.txt"]["error"] and "empty" in lines["docs/blank.md"]["error"]
+    assert lines["docs/eiffel.txt"]["summary"]
+    err = capsys.readouterr().err
+    assert "docs/latin1.txt: not UTF-8" in err and "docs/blank.md: the document is empty" in err
+
+
+def test_resume_retries_the_documents_with_an_error_line(smollm2_path, one_doc):
+    (one_doc / "docs" / "late.txt").write_text(" ")
+    assert run_docs(smollm2_path) == 0
+    (one_doc / "docs" / "late.txt").write_text("The Moon orbits the Earth about every 27 days.")
+    assert run_docs(smollm2_path, "--resume") == 0
+    ids = [r["id"] for r in results(one_doc)]
+    assert sorted(ids) == ["docs/eiffel.txt", "docs/late.txt"]
+    assert "summary" in results(one_doc)[1] and results(one_doc)[0]["id"] == "docs/eiffel.txt"

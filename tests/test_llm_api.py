@@ -141,3 +141,32 @@ def test_each_request_reports_the_density_its_prefill_achieved(smollm2_path, rea
     assert m.pbs_visible_blocks > 0 and 0.3 <= m.prefill_density < 0.9
     llm.set_prefill_attention("dense")
     assert llm.generate(long_prompt, SamplingParams(max_tokens=1))[0].metrics.prefill_density == 1.0
+
+
+def test_stream_yields_growing_outputs_then_the_finished_one(smollm2):
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    seen = [(o.text, len(o.token_ids), o.finished) for o in smollm2.stream(PROMPTS[0], params)]
+    assert [n for _, n, _ in seen] == list(range(1, 9)) and [f for *_, f in seen] == [False] * 7 + [True]
+    assert all(b.startswith(a) for (a, *_), (b, *_) in zip(seen, seen[1:]))
+    assert seen[-1][0] == smollm2.generate(PROMPTS[0], params)[0].text
+
+
+def test_stream_outputs_first_appear_in_prompt_order(smollm2):
+    first_seen = []
+    for out in smollm2.stream(PROMPTS, SamplingParams(max_tokens=3, temperature=0)):
+        if out.prompt not in first_seen:
+            first_seen.append(out.prompt)
+    assert first_seen == PROMPTS
+
+
+def test_closing_a_stream_aborts_its_requests(smollm2):
+    stream = smollm2.stream(PROMPTS, SamplingParams(max_tokens=50, temperature=0))
+    next(stream)
+    stream.close()
+    assert not smollm2.engine.has_unfinished()
+
+
+def test_a_bad_prompt_fails_the_stream_call_before_anything_is_queued(smollm2):
+    with pytest.raises(ValueError, match="empty"):
+        smollm2.stream(["Hello", {"prompt_token_ids": []}], SamplingParams())
+    assert not smollm2.engine.has_unfinished()

@@ -2,6 +2,8 @@
 
 All documents go to the engine at once so it batches them; each result is appended with a single write and an
 fsync as soon as it finishes, so a crash or Ctrl-C loses nothing written and `--resume` skips what is done.
+A document that cannot be summarised (unreadable, empty, too long) gets an error line instead and the batch goes
+on; `--resume` retries those, replacing their error lines, so each document keeps exactly one line.
 """
 from __future__ import annotations
 
@@ -9,12 +11,11 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pbs_engine.cli.common import add_model_args, add_sampling_args, llm_kwargs, sampling_params
+from pbs_engine.cli.common import add_model_args, add_sampling_args, load_llm, sampling_params
 
 DEFAULT_TEMPLATE = "Summarise the following document in a few sentences.\n\n{text}"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -30,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--prompt-template", default=DEFAULT_TEMPLATE,
                    help="the user message; {text} is replaced by the document (default: a summary request)")
     p.add_argument("--system", default=None, help="system message for the chat template")
-    p.add_argument("--resume", action="store_true", help="skip documents whose id is already in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="skip documents already summarised in --output; retry those with an error line")
     p.add_argument("--truncate", action="store_true",
                    help="cut the middle out of documents longer than the context (default: report them as errors)")
     p.add_argument("--limit", type=int, default=None, help="process at most N of the documents still to do")
@@ -44,23 +46,30 @@ def register(sub) -> None:
 class Document:
     id: str
     text: str
+    error: str | None = None  # why it cannot be read; it gets an error line instead of a summary
 
 
-class DocumentTooLong(ValueError):
-    pass
+class DocumentError(ValueError):
+    """A document that cannot be summarised: it gets an error line in the output and the batch goes on."""
 
 
 def read_documents(inputs: list[str]) -> list[Document]:
+    """Every document of the inputs; an input holding none is an error naming it."""
     docs: list[Document] = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-            docs += [Document(str(p), p.read_text(encoding="utf-8")) for p in files]
+            if not files:
+                raise ValueError(f"{name}: no {' or '.join(TEXT_SUFFIXES)} files in this folder")
+            docs += [_read_text(p) for p in files]
         elif path.suffix == ".jsonl":
-            docs += _read_jsonl(path)
+            found = _read_jsonl(path)
+            if not found:
+                raise ValueError(f"{name}: no documents in this file (one {{\"id\", \"text\"}} object per line)")
+            docs += found
         elif path.suffix in TEXT_SUFFIXES:
-            docs.append(Document(str(path), path.read_text(encoding="utf-8")))
+            docs.append(_read_text(path))
         elif not path.exists():
             raise FileNotFoundError(f"{name}: no such file or folder")
         else:
@@ -73,9 +82,20 @@ def read_documents(inputs: list[str]) -> list[Document]:
     return docs
 
 
+def _read_text(path: Path) -> Document:
+    try:
+        return Document(str(path), path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        return Document(str(path), "", error=f"not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8")
+
+
 def _read_jsonl(path: Path) -> list[Document]:
     docs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from e
         if not line.strip():
             continue
         try:
@@ -91,22 +111,44 @@ def _read_jsonl(path: Path) -> list[Document]:
 
 
 def done_ids(output: Path) -> set[str]:
-    """Ids already in `output`; a torn last line (a write cut short) is cut off so appending stays valid JSONL."""
+    """Ids summarised in `output`. Error lines do not count: --resume retries those documents."""
+    return {doc_id for doc_id, record, _ in _result_lines(output) if "error" not in record}
+
+
+def drop_results(output: Path, ids: set[str]) -> None:
+    """Rewrite `output` without the lines of `ids` (the error lines of documents retried now), atomically, so
+    each document keeps exactly one line."""
+    lines = _result_lines(output)
+    keep = [raw for doc_id, _, raw in lines if doc_id not in ids]
+    if len(keep) == len(lines):
+        return
+    tmp = output.with_name(output.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(b"".join(raw + b"\n" for raw in keep))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(output)
+
+
+def _result_lines(output: Path) -> list[tuple[str, dict, bytes]]:
+    """(id, record, raw line) for each line of `output`; a torn last line (a write cut short) is cut off so
+    appending stays valid JSONL."""
     if not output.exists():
-        return set()
+        return []
     data = output.read_bytes()
     complete = data[:data.rfind(b"\n") + 1]
     if len(complete) < len(data):
         print(f"pbs-engine: {output}: dropping a torn last line ({len(data) - len(complete)} bytes)", file=sys.stderr)
         with open(output, "r+b") as f:
             f.truncate(len(complete))
-    ids = set()
-    for n, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+    lines = []
+    for n, raw in enumerate(complete.splitlines(), start=1):
         try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            record = json.loads(raw)
+            lines.append((str(record["id"]), record, raw))
+        except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or bad UTF-8
             raise ValueError(f"{output}:{n}: not a result line ({e}); fix or move the file") from e
-    return ids
+    return lines
 
 
 class ResultWriter:
@@ -132,57 +174,29 @@ def fit_prompt(render: Callable[[str], list[int]], tokenizer, text: str, room: i
     if len(ids) <= room:
         return ids, False
     if not truncate:
-        raise DocumentTooLong(f"the prompt is {len(ids)} tokens but only {room} fit with --max-tokens "
+        raise DocumentError(f"the prompt is {len(ids)} tokens but only {room} fit with --max-tokens "
                               "(use --truncate to keep the start and end of long documents)")
     doc = tokenizer.encode(text, add_special_tokens=False)
     keep = room - (len(ids) - len(doc)) - len(tokenizer.encode(ELISION, add_special_tokens=False))
     for _ in range(4):  # retokenising at the cut can shift the count by a few tokens
         if keep < 2:
-            raise DocumentTooLong(f"the prompt template alone leaves no room for the document in {room} tokens")
+            raise DocumentError(f"the prompt template alone leaves no room for the document in {room} tokens")
         head = keep // 2
         ids = render(tokenizer.decode(doc[:head]) + ELISION + tokenizer.decode(doc[len(doc) - (keep - head):]))
         if len(ids) <= room:
             return ids, True
         keep -= len(ids) - room
-    raise DocumentTooLong(f"could not cut the document to fit {room} tokens")
-
-
-class Progress:
-    """A one-line progress bar on stderr: documents done, documents and tokens (prompt + generated) per second."""
-
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.done, self.tokens = total, 0, 0
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.start = self.last = time.monotonic()
-
-    def update(self, tokens: int, finished: int) -> None:
-        self.tokens += tokens
-        self.done += finished
-        now = time.monotonic()
-        if now - self.last >= (0.2 if self.tty else 10.0) or (finished and self.done == self.total):
-            self.last = now
-            elapsed = max(now - self.start, 1e-9)
-            filled = int(20 * self.done / max(1, self.total))
-            line = (f"[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total} docs  "
-                    f"{self.done / elapsed:.2f} docs/s  {self.tokens / elapsed:.0f} tok/s  {elapsed:.0f}s")
-            self.stream.write("\r" + line if self.tty else line + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+    raise DocumentError(f"could not cut the document to fit {room} tokens")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pbs_engine import LLM
-
     if "{text}" not in args.prompt_template:
         raise ValueError("--prompt-template must contain the {text} placeholder")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit} must be >= 1")
     output = Path(args.output)
     docs = read_documents(args.inputs)
+    found = len(docs)
     if args.resume:
         done = done_ids(output)
         docs = [d for d in docs if d.id not in done]
@@ -192,30 +206,45 @@ def run(args: argparse.Namespace) -> int:
     if not docs:
         print("pbs-engine: nothing to do: every document is already in the output", file=sys.stderr)
         return 0
+    if args.resume:
+        drop_results(output, {d.id for d in docs})
+    print(f"pbs-engine: {len(docs)} of {found} documents to summarise into {output}", file=sys.stderr, flush=True)
 
     params = sampling_params(args)
-    engine = LLM(**llm_kwargs(args)).engine
+    engine = load_llm(args).engine
     tok = engine.tokenizer
     system = [{"role": "system", "content": args.system}] if args.system else []
+    room = engine.config.max_model_len - params.max_tokens
 
     def render(text: str) -> list[int]:
         content = args.prompt_template.replace("{text}", text)
         return tok.encode_chat(system + [{"role": "user", "content": content}]) if tok.chat_template \
             else tok.encode(content)
 
+    def prompt(doc: Document) -> tuple[list[int], bool]:
+        if doc.error:
+            raise DocumentError(doc.error)
+        if not doc.text.strip():
+            raise DocumentError("the document is empty: nothing to summarise")
+        return fit_prompt(render, tok, doc.text, room, args.truncate)
+
     writer = ResultWriter(output)
     pending: dict[str, tuple[Document, bool]] = {}
-    room = engine.config.max_model_len - params.max_tokens
+    prompt_tokens = 0
     try:
         for doc in docs:
             try:
-                ids, truncated = fit_prompt(render, tok, doc.text, room, args.truncate)
-            except DocumentTooLong as e:
+                ids, truncated = prompt(doc)
+            except DocumentError as e:
                 print(f"pbs-engine: {doc.id}: {e}", file=sys.stderr)
                 writer.write({"id": doc.id, "error": str(e)})
                 continue
             pending[engine.add_request(ids, params, request_id=str(len(pending)))] = (doc, truncated)
-        _generate(engine, pending, writer, Progress(len(pending)))
+            prompt_tokens += len(ids)
+        if pending:
+            n = len(pending)
+            print(f"pbs-engine: queued {n} document{'s' * (n > 1)}, {prompt_tokens} prompt tokens", file=sys.stderr)
+            _generate(engine, pending, writer, prompt_tokens, params.max_tokens)
     except KeyboardInterrupt:
         print(f"\npbs-engine: interrupted; finished documents are in {output}; rerun with --resume", file=sys.stderr)
         raise
@@ -224,16 +253,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(engine, pending: dict[str, tuple[Document, bool]], writer: ResultWriter, progress: Progress) -> None:
-    seen: dict[str, int] = {}  # prompt + generated tokens counted so far, per request
+def _generate(engine, pending: dict[str, tuple[Document, bool]], writer: ResultWriter, prompt_tokens: int,
+              max_tokens: int) -> None:
+    """Step the engine until every pending document is written. The meter counts tokens: prompt tokens read and
+    summary tokens generated, out of every prompt plus --max-tokens per unfinished summary (so the ETA covers
+    both phases; a summary that stops early gives its unused tokens back)."""
+    from pbs_engine.progress import progress
+
+    num_docs, done, generated = len(pending), 0, 0
+    read = 0  # prompt tokens of the finished documents
+    seen: dict[str, int] = {}  # tokens generated so far, per request
+    bar = progress(prompt_tokens + num_docs * max_tokens, "batch", unit="tok",
+                   postfix=f"0/{num_docs} docs, 0/{prompt_tokens} prompt tokens read")
     try:
         while engine.has_unfinished():
-            tokens = finished = 0
             for out in engine.step():
                 rid, c = out.request_id, out.outputs[0]
-                total = len(out.prompt_token_ids) + len(c.token_ids)
-                tokens += total - seen.get(rid, 0)
-                seen[rid] = total
+                generated += len(c.token_ids) - seen.get(rid, 0)
+                seen[rid] = len(c.token_ids)
                 if out.finished:
                     doc, truncated = pending.pop(rid)
                     m = out.metrics
@@ -241,9 +278,14 @@ def _generate(engine, pending: dict[str, tuple[Document, bool]], writer: ResultW
                               "completion_tokens": len(c.token_ids),
                               "seconds": round(m.finished_time - m.arrival_time, 3), "finish_reason": c.finish_reason}
                     writer.write({**record, "truncated": True} if truncated else record)
-                    finished += 1
-            progress.update(tokens, finished)
+                    done += 1
+                    read += len(out.prompt_token_ids)
+                    bar.total -= max_tokens - len(c.token_ids)
+            prompt_read = read + engine.num_prompt_tokens_computed()
+            bar.set_postfix_str(f"{done}/{num_docs} docs, {prompt_read}/{prompt_tokens} prompt tokens read, "
+                                f"{generated} generated", refresh=False)
+            bar.update(prompt_read + generated - bar.n)
     finally:
-        progress.close()
+        bar.close()
         for rid in pending:
             engine.abort(rid)

@@ -5,9 +5,14 @@ import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="GPU benchmarks (kernels, prefill TTFT, decode throughput)")
+    sub.add_parser("bench", help="benchmarks: GPU kernels, prefill TTFT, decode throughput; CLI start-up",
+                   build=_add_kinds)
+
+
+def _add_kinds(p: argparse.ArgumentParser) -> None:
+    """The kinds' options: built only when `bench` is used, as their modules import torch."""
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
-    from pbs_engine.bench import check, kernels, profile, runtime
+    from pbs_engine.bench import check, kernels, profile, runtime, startup
 
     k = kinds.add_parser("kernels", help="attention kernels vs torch SDPA (cuDNN, flash), FlexAttention")
     kernels.add_args(k)
@@ -24,6 +29,7 @@ def register(sub) -> None:
     f = kinds.add_parser("profile", help="one warm prefill: wall time against GPU kernel time, top kernels")
     profile.add_args(f)
     f.set_defaults(func=_needs_gpu(profile.run))
+    startup.register(kinds)
 
 
 def _needs_gpu(fn):

@@ -11,7 +11,7 @@ import sys
 from contextlib import closing, contextmanager, nullcontext
 from typing import Iterator
 
-from pbs_engine.cli.common import add_model_args, add_sampling_args, llm_kwargs, sampling_params
+from pbs_engine.cli.common import add_model_args, add_sampling_args, load_llm, sampling_params
 
 COMMANDS_HELP = "commands: /reset, /system TEXT, /exit (Ctrl-C stops an answer, Ctrl-D quits)"
 
@@ -133,10 +133,8 @@ def read_lines(interactive: bool) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pbs_engine import LLM
-
     params = sampling_params(args)
-    engine = LLM(**llm_kwargs(args)).engine
+    engine = load_llm(args).engine
     if not engine.tokenizer.chat_template:
         raise ValueError(f"model {args.model!r} has no chat template; use `pbs-engine generate --raw`")
     session = ChatSession(engine, params, args.system)

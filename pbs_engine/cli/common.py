@@ -4,10 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from typing import Callable
-
-from pbs_engine.kernels import PBSConfig
-from pbs_engine.kernels.config import BLOCK_SCORES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +23,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="while others wait, tokens one prompt may take per step (default: a quarter of the step)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many GPUs (or CPU processes), one worker process each")
+    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template (a file, or the template itself) instead of the model's")
+    g.add_argument("--max-num-seqs", type=int, default=128,
+                   help="requests decoded together in one batch (default: 128)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached K/V of prompt blocks shared with earlier requests (default: on)")
     g.add_argument("--pbs-threshold", type=float, default=None, help="PBS block-selection mass threshold")
@@ -35,7 +37,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pbs-local-segments", type=int, default=None,
                    help="PBS: also always keep this many segments before the diagonal one (recent window)")
     g.add_argument("--pbs-dense-layers", type=int, default=None, help="PBS: the first N layers attend densely")
-    g.add_argument("--pbs-block-score", choices=BLOCK_SCORES, default=None,
+    g.add_argument("--pbs-block-score", default=None,
                    help="PBS block score: mean-pooled keys (mean) or the pooled query's attention mass per block "
                         "(lse); docs/eval.md")
     g.add_argument("--pbs-query-reps", type=int, default=None,
@@ -50,16 +52,20 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: 
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the answer where TEXT appears, TEXT left out (repeatable)")
 
 
 def sampling_params(args: argparse.Namespace):
     from pbs_engine import SamplingParams
 
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.seed)
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
+    from pbs_engine.kernels import PBSConfig  # torch: imported when a command runs, not for --help
+
     pbs = {k: v for k, v in (("threshold", args.pbs_threshold), ("block_size", args.pbs_block_size),
                              ("segment_size", args.pbs_segment_size), ("local_segments", args.pbs_local_segments),
                              ("dense_layers", args.pbs_dense_layers), ("permute", args.pbs_permute),
@@ -70,7 +76,21 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size,
                 max_num_partial_prefills=args.max_num_partial_prefills,
                 long_prefill_token_threshold=args.long_prefill_token_threshold,
-                enable_prefix_caching=args.enable_prefix_caching)
+                max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching,
+                chat_template=args.chat_template)
+
+
+def load_llm(args: argparse.Namespace, **overrides):
+    """The LLM the model options describe, announced on stderr: first use converts, big models take a while."""
+    from pbs_engine import LLM
+    from pbs_engine.engine.model_source import DEFAULT_MODEL
+
+    print(f"pbs-engine: loading model {args.model or DEFAULT_MODEL}", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    llm = LLM(**{**llm_kwargs(args), **overrides})
+    print(f"pbs-engine: model loaded in {time.monotonic() - start:.1f}s ({llm.config.device}, {llm.config.dtype}, "
+          f"max_model_len {llm.config.max_model_len})", file=sys.stderr, flush=True)
+    return llm
 
 
 def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pbs_engine.cli.common import add_model_args, llm_kwargs
+from pbs_engine.cli.common import add_model_args, load_llm
 
 
 def _floats(s: str) -> list[float]:
@@ -37,7 +37,6 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if not args.plot_only:
-        from pbs_engine import LLM
         from pbs_engine.eval.run import run_eval
 
         tasks = args.tasks.split(",")
@@ -49,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         for spec in args.variant:
             parse_variant(spec)  # a bad spec fails before the model loads
         # every method must compute every prompt itself: no K/V reused from another method's run
-        llm = LLM(**{**llm_kwargs(args), "enable_prefix_caching": False})
+        llm = load_llm(args, enable_prefix_caching=False)
         run_eval(llm, args.lengths, tasks, args.thresholds, args.needle_lengths or args.lengths, args.depths,
                  args.needle_seeds, out, args.variant)
         print((out / "summary.md").read_text())

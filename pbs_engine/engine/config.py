@@ -1,7 +1,9 @@
 """The engine's one configuration object, validated where it is built."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -34,6 +36,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights from config.json (speed runs only)
     skip_tokenizer_init: bool = False  # True: prompts are token ids only, outputs carry no text
+    chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the model's
 
     def __post_init__(self) -> None:
         if self.device is None:
@@ -78,7 +81,18 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.chat_template is not None:
+            self.chat_template = _template_source(self.chat_template)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+def _template_source(value: str) -> str:
+    """The Jinja source `chat_template` names: the file's text, or the value itself when it is a template."""
+    if os.path.isfile(value):
+        return Path(value).read_text(encoding="utf-8")
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat_template={value!r}: no such file, and not a Jinja template (no {{{{ }}}} or {{% %}})")

@@ -1,7 +1,7 @@
 """The user-facing offline API, shaped like vLLM's `LLM`."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from pathlib import Path
 
@@ -14,7 +14,6 @@ from pbs_engine.engine.outputs import RequestOutput
 from pbs_engine.engine.sampling_params import SamplingParams
 from pbs_engine.engine.tokenizer import Tokenizer
 from pbs_engine.kernels import PBSConfig
-
 
 class LLM:
     """Load a model and generate: `LLM().generate("Hello", SamplingParams(max_tokens=20))`."""
@@ -61,10 +60,15 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """Each prompt is a string or {"prompt_token_ids": [...]}; one output per prompt, in order."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        return self._run(encoded, sampling_params)
+        return self._run(self._encode_all(prompts), sampling_params)
+
+    def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+               ) -> Iterator[RequestOutput]:
+        """generate() as it happens: a RequestOutput (text and tokens so far) each time a request grows, its
+        finished one last. Requests are served first come, first served, so each prompt's first output comes no
+        later than the next prompt's. Prompts are checked before anything is queued; closing the iterator aborts
+        the unfinished requests."""
+        return self._stream(self._encode_all(prompts), sampling_params)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
@@ -79,6 +83,11 @@ class LLM:
             encoded.append((text, tok.encode(text, add_special_tokens=False)))
         return self._run(encoded, sampling_params)
 
+    def _encode_all(self, prompts) -> list[tuple[str | None, list[int]]]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        return [self._encode(p, i) for i, p in enumerate(prompts)]
+
     def _encode(self, prompt, index: int) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.engine.tokenizer is None:
@@ -89,6 +98,10 @@ class LLM:
         raise TypeError(f"prompts[{index}] must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
 
     def _run(self, encoded: list[tuple[str | None, list[int]]], sampling_params) -> list[RequestOutput]:
+        finished = [out for out in self._stream(encoded, sampling_params) if out.finished]
+        return sorted(finished, key=lambda out: int(out.request_id))  # the engine numbers requests as they come
+
+    def _stream(self, encoded: list[tuple[str | None, list[int]]], sampling_params) -> Iterator[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(encoded)
@@ -96,15 +109,20 @@ class LLM:
             raise ValueError(f"{len(params)} sampling params for {len(encoded)} prompts")
         for (_, ids), p in zip(encoded, params):
             self.engine.validate(ids, p)
-        ids = [self.engine.add_request(tokens, p, prompt=text) for (text, tokens), p in zip(encoded, params)]
-        finished: dict[str, RequestOutput] = {}
+        return self._steps(encoded, params)
+
+    def _steps(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams]
+               ) -> Iterator[RequestOutput]:
+        unfinished: set[str] = set()
         try:
-            while len(finished) < len(ids):
+            for (text, tokens), p in zip(encoded, params):
+                unfinished.add(self.engine.add_request(tokens, p, prompt=text))
+            while unfinished:
                 for out in self.engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
+                    if out.request_id in unfinished:
+                        if out.finished:
+                            unfinished.discard(out.request_id)
+                        yield out
         finally:
-            for rid in ids:
-                if rid not in finished:
-                    self.engine.abort(rid)
-        return [finished[rid] for rid in ids]
+            for rid in unfinished:
+                self.engine.abort(rid)

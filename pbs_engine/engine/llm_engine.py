@@ -46,7 +46,7 @@ class LLMEngine:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_config.max_position_embeddings}")
         check_tensor_parallel(model_config, config.tensor_parallel_size)
-        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(self.model_dir)
+        self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(self.model_dir, config.chat_template)
         self.workers = None
         if config.tensor_parallel_size > 1:
             self.workers = Workers(config, str(self.model_dir), from_model)
@@ -113,6 +113,10 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def num_prompt_tokens_computed(self) -> int:
+        """Prompt tokens whose K/V are in the cache, over the unfinished requests: prefill progress for a bar."""
+        return sum(min(seq.num_computed_tokens, seq.num_prompt_tokens) for seq in self.seqs.values())
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

@@ -60,7 +60,8 @@ def _chat_template(value, path: Path, template_file: Path) -> str | None:
 
 
 class Tokenizer:
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, chat_template: str | None = None):
+        """`chat_template` (Jinja source) replaces the model's own."""
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.is_file():
@@ -72,6 +73,8 @@ class Tokenizer:
         cfg_path, gen_path = model_dir / "tokenizer_config.json", model_dir / "generation_config.json"
         cfg, gen = _read_json(cfg_path), _read_json(gen_path)
         self.chat_template = _chat_template(cfg.get("chat_template"), cfg_path, model_dir / "chat_template.jinja")
+        if chat_template is not None:
+            self.chat_template = chat_template
         self.bos_token = _token_str(cfg, "bos_token", cfg_path)
         self.eos_token = _token_str(cfg, "eos_token", cfg_path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)

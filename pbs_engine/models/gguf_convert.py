@@ -13,6 +13,7 @@ import torch
 
 from pbs_engine.models.errors import ModelLoadError, ModelNotFoundError, UnsupportedArchitectureError
 from pbs_engine.models.gguf_tokenizer import PRE_TOKENIZERS, GGUFVocab
+from pbs_engine.progress import progress
 
 CONVERTER_VERSION = 2  # part of the cache key of converted models: bump when the output changes
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -233,12 +234,13 @@ def _write_weights(reader, path: Path, out: Path, dtype: torch.dtype, arch: str,
             raise GGUFConversionError(f"{path}: tensor {t.name!r} has no counterpart in {ARCHITECTURES[arch]}")
         if name is not None:
             plan.append((name, [int(d) for d in reversed(t.shape)], lambda t=t: load(t)))
-    _write_safetensors(out, plan, dtype)
+    _write_safetensors(out, plan, dtype, f"converting {path.name}")
 
 
 def _write_safetensors(out: Path, plan: list[tuple[str, list[int], Callable[[], torch.Tensor]]],
-                       dtype: torch.dtype) -> None:
-    """The safetensors format by hand (header of names/shapes/offsets, then raw bytes), so tensors can stream."""
+                       dtype: torch.dtype, desc: str) -> None:
+    """The safetensors format by hand (header of names/shapes/offsets, then raw bytes), so tensors can stream;
+    a progress bar named `desc` counts the tensors written."""
     itemsize, header, offset = torch.finfo(dtype).bits // 8, {"__metadata__": {"format": "pt"}}, 0
     for name, shape, _ in plan:
         size = math.prod(shape) * itemsize
@@ -247,10 +249,11 @@ def _write_safetensors(out: Path, plan: list[tuple[str, list[int], Callable[[], 
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     try:
-        with open(out, "wb") as f:
+        with open(out, "wb") as f, progress(len(plan), desc, unit="tensor") as bar:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for _, _, load in plan:
                 f.write(load().reshape(-1).view(torch.uint8).numpy())
+                bar.update()
     except BaseException:
         out.unlink(missing_ok=True)
         raise
