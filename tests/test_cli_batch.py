@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pbs_engine.cli.batch import ELISION, done_ids, fit_prompt, read_documents
+from pbs_engine.cli.batch import done_ids, read_documents
 from pbs_engine.cli.main import main
+from pbs_engine.summarize import ELISION, fit_prompt
 
 SHORT = {
     "eiffel.txt": "The Eiffel Tower is a wrought-iron tower in Paris, built for the 1889 World's Fair.",

@@ -170,3 +170,14 @@ def test_a_bad_prompt_fails_the_stream_call_before_anything_is_queued(smollm2):
     with pytest.raises(ValueError, match="empty"):
         smollm2.stream(["Hello", {"prompt_token_ids": []}], SamplingParams())
     assert not smollm2.engine.has_unfinished()
+
+
+def test_stream_keeps_prompt_order_when_a_short_prompt_overtakes_a_long_one(smollm2_path, real_text):
+    from pbs_engine import LLM
+
+    llm = LLM(str(smollm2_path), device="cpu", attention="dense", max_num_batched_tokens=256)
+    long_prompt = {"prompt_token_ids": llm.get_tokenizer().encode(real_text)[:1000]}
+    outs = list(llm.stream([long_prompt, "Hi"], SamplingParams(max_tokens=3, temperature=0)))
+    firsts = list(dict.fromkeys(o.request_id for o in outs))
+    assert len(firsts) == 2 and outs[0].request_id == firsts[0] and outs[0].prompt is None  # the long one first
+    assert sum(o.finished for o in outs) == 2

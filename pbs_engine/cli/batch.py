@@ -11,15 +11,12 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from pbs_engine.cli.common import add_model_args, add_sampling_args, load_llm, sampling_params
+from pbs_engine.summarize import DEFAULT_TEMPLATE, Document, SummaryJob
 
-DEFAULT_TEMPLATE = "Summarise the following document in a few sentences.\n\n{text}"
 TEXT_SUFFIXES = (".txt", ".md")
-ELISION = "\n\n[...]\n\n"  # where --truncate cut the middle of a document out
 
 
 def register(sub) -> None:
@@ -37,20 +34,16 @@ def register(sub) -> None:
                    help="cut the middle out of documents longer than the context (default: report them as errors)")
     p.add_argument("--limit", type=int, default=None, help="process at most N of the documents still to do")
     p.add_argument("--verbose", "-v", action="store_true")
+    r = p.add_argument_group("Ray cluster (pip install \"pbs-engine[ray]\")")
+    r.add_argument("--ray", action="store_true", help="summarise on a Ray cluster, one engine per replica")
+    r.add_argument("--ray-address", default=None, help="the cluster to join (default: RAY_ADDRESS, else a local one)")
+    r.add_argument("--replicas", type=int, default=1, help="engines (Ray actors) summarising at once (default: 1)")
+    r.add_argument("--gpus-per-replica", type=float, default=0,
+                   help="GPUs each replica asks Ray for (default: 0; give the tensor-parallel size on GPUs)")
+    r.add_argument("--ray-batch-size", type=int, default=16, help="documents per batch handed to a replica")
     add_sampling_args(p, max_tokens=256, temperature=0.0)
     add_model_args(p)
     p.set_defaults(func=run)
-
-
-@dataclass
-class Document:
-    id: str
-    text: str
-    error: str | None = None  # why it cannot be read; it gets an error line instead of a summary
-
-
-class DocumentError(ValueError):
-    """A document that cannot be summarised: it gets an error line in the output and the batch goes on."""
 
 
 def read_documents(inputs: list[str]) -> list[Document]:
@@ -167,28 +160,6 @@ class ResultWriter:
         self.file.close()
 
 
-def fit_prompt(render: Callable[[str], list[int]], tokenizer, text: str, room: int, truncate: bool
-               ) -> tuple[list[int], bool]:
-    """Prompt ids leaving `room` tokens of context for the summary, and whether the document was cut to fit."""
-    ids = render(text)
-    if len(ids) <= room:
-        return ids, False
-    if not truncate:
-        raise DocumentError(f"the prompt is {len(ids)} tokens but only {room} fit with --max-tokens "
-                              "(use --truncate to keep the start and end of long documents)")
-    doc = tokenizer.encode(text, add_special_tokens=False)
-    keep = room - (len(ids) - len(doc)) - len(tokenizer.encode(ELISION, add_special_tokens=False))
-    for _ in range(4):  # retokenising at the cut can shift the count by a few tokens
-        if keep < 2:
-            raise DocumentError(f"the prompt template alone leaves no room for the document in {room} tokens")
-        head = keep // 2
-        ids = render(tokenizer.decode(doc[:head]) + ELISION + tokenizer.decode(doc[len(doc) - (keep - head):]))
-        if len(ids) <= room:
-            return ids, True
-        keep -= len(ids) - room
-    raise DocumentError(f"could not cut the document to fit {room} tokens")
-
-
 def run(args: argparse.Namespace) -> int:
     if "{text}" not in args.prompt_template:
         raise ValueError("--prompt-template must contain the {text} placeholder")
@@ -209,42 +180,14 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         drop_results(output, {d.id for d in docs})
     print(f"pbs-engine: {len(docs)} of {found} documents to summarise into {output}", file=sys.stderr, flush=True)
+    if getattr(args, "ray", False):
+        from pbs_engine.ray import run_batch_on_ray
 
-    params = sampling_params(args)
-    engine = load_llm(args).engine
-    tok = engine.tokenizer
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    room = engine.config.max_model_len - params.max_tokens
-
-    def render(text: str) -> list[int]:
-        content = args.prompt_template.replace("{text}", text)
-        return tok.encode_chat(system + [{"role": "user", "content": content}]) if tok.chat_template \
-            else tok.encode(content)
-
-    def prompt(doc: Document) -> tuple[list[int], bool]:
-        if doc.error:
-            raise DocumentError(doc.error)
-        if not doc.text.strip():
-            raise DocumentError("the document is empty: nothing to summarise")
-        return fit_prompt(render, tok, doc.text, room, args.truncate)
-
+        return run_batch_on_ray(args, docs, output)
+    job = SummaryJob(load_llm(args).engine, sampling_params(args), args.prompt_template, args.system, args.truncate)
     writer = ResultWriter(output)
-    pending: dict[str, tuple[Document, bool]] = {}
-    prompt_tokens = 0
     try:
-        for doc in docs:
-            try:
-                ids, truncated = prompt(doc)
-            except DocumentError as e:
-                print(f"pbs-engine: {doc.id}: {e}", file=sys.stderr)
-                writer.write({"id": doc.id, "error": str(e)})
-                continue
-            pending[engine.add_request(ids, params, request_id=str(len(pending)))] = (doc, truncated)
-            prompt_tokens += len(ids)
-        if pending:
-            n = len(pending)
-            print(f"pbs-engine: queued {n} document{'s' * (n > 1)}, {prompt_tokens} prompt tokens", file=sys.stderr)
-            _generate(engine, pending, writer, prompt_tokens, params.max_tokens)
+        _summarise(job, docs, writer)
     except KeyboardInterrupt:
         print(f"\npbs-engine: interrupted; finished documents are in {output}; rerun with --resume", file=sys.stderr)
         raise
@@ -253,39 +196,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(engine, pending: dict[str, tuple[Document, bool]], writer: ResultWriter, prompt_tokens: int,
-              max_tokens: int) -> None:
-    """Step the engine until every pending document is written. The meter counts tokens: prompt tokens read and
-    summary tokens generated, out of every prompt plus --max-tokens per unfinished summary (so the ETA covers
-    both phases; a summary that stops early gives its unused tokens back)."""
+def _summarise(job: SummaryJob, docs: list[Document], writer: ResultWriter) -> None:
+    """Write every document's record as it finishes. The meter counts tokens: prompt tokens read and summary
+    tokens generated, out of every prompt plus --max-tokens per unfinished summary (so the ETA covers both phases;
+    a summary that stops early gives its unused tokens back)."""
     from pbs_engine.progress import progress
 
-    num_docs, done, generated = len(pending), 0, 0
-    read = 0  # prompt tokens of the finished documents
-    seen: dict[str, int] = {}  # tokens generated so far, per request
-    bar = progress(prompt_tokens + num_docs * max_tokens, "batch", unit="tok",
+    engine, max_tokens = job.engine, job.params.max_tokens
+    prepared = job.prepare(docs)
+    prompts = [p for p in prepared if p.ids is not None]
+    prompt_tokens, num_docs = sum(len(p.ids) for p in prompts), len(docs)
+    queued = {p.doc.id for p in prompts}
+    if prompts:
+        n = len(prompts)
+        print(f"pbs-engine: queued {n} document{'s' * (n > 1)}, {prompt_tokens} prompt tokens", file=sys.stderr)
+    bar = progress(prompt_tokens + len(prompts) * max_tokens, "batch", unit="tok",
                    postfix=f"0/{num_docs} docs, 0/{prompt_tokens} prompt tokens read")
+    state = {"done": 0, "read": 0, "generated": 0}
+
+    def on_step(generated: int) -> None:
+        state["generated"] += generated
+        prompt_read = state["read"] + engine.num_prompt_tokens_computed()
+        bar.set_postfix_str(f"{state['done']}/{num_docs} docs, {prompt_read}/{prompt_tokens} prompt tokens read, "
+                            f"{state['generated']} generated", refresh=False)
+        bar.update(prompt_read + state["generated"] - bar.n)
+
     try:
-        while engine.has_unfinished():
-            for out in engine.step():
-                rid, c = out.request_id, out.outputs[0]
-                generated += len(c.token_ids) - seen.get(rid, 0)
-                seen[rid] = len(c.token_ids)
-                if out.finished:
-                    doc, truncated = pending.pop(rid)
-                    m = out.metrics
-                    record = {"id": doc.id, "summary": c.text.strip(), "prompt_tokens": len(out.prompt_token_ids),
-                              "completion_tokens": len(c.token_ids),
-                              "seconds": round(m.finished_time - m.arrival_time, 3), "finish_reason": c.finish_reason}
-                    writer.write({**record, "truncated": True} if truncated else record)
-                    done += 1
-                    read += len(out.prompt_token_ids)
-                    bar.total -= max_tokens - len(c.token_ids)
-            prompt_read = read + engine.num_prompt_tokens_computed()
-            bar.set_postfix_str(f"{done}/{num_docs} docs, {prompt_read}/{prompt_tokens} prompt tokens read, "
-                                f"{generated} generated", refresh=False)
-            bar.update(prompt_read + generated - bar.n)
+        for record in job.run(prepared, on_step):
+            writer.write(record)
+            state["done"] += 1
+            if "error" in record:
+                print(f"pbs-engine: {record['id']}: {record['error']}", file=sys.stderr)
+                if record["id"] in queued:  # failed in the engine: its summary tokens will not come
+                    bar.total -= max_tokens
+                continue
+            state["read"] += record["prompt_tokens"]
+            bar.total -= max_tokens - record["completion_tokens"]
+        on_step(0)
     finally:
         bar.close()
-        for rid in pending:
-            engine.abort(rid)

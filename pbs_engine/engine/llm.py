@@ -65,9 +65,8 @@ class LLM:
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:
         """generate() as it happens: a RequestOutput (text and tokens so far) each time a request grows, its
-        finished one last. Requests are served first come, first served, so each prompt's first output comes no
-        later than the next prompt's. Prompts are checked before anything is queued; closing the iterator aborts
-        the unfinished requests."""
+        finished one last. Each prompt's first output comes no later than the next prompt's. Prompts are checked
+        before anything is queued; closing the iterator aborts the unfinished requests."""
         return self._stream(self._encode_all(prompts), sampling_params)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -113,16 +112,32 @@ class LLM:
 
     def _steps(self, encoded: list[tuple[str | None, list[int]]], params: list[SamplingParams]
                ) -> Iterator[RequestOutput]:
+        """Step the engine until every request is finished. A request's outputs are held back (its newest kept)
+        until the request before it has produced its first one, so first outputs come in prompt order whatever
+        order the scheduler finishes prefills in (short prompts may overtake a long one)."""
         unfinished: set[str] = set()
+        order: list[str] = []
+        held: dict[str, RequestOutput] = {}
+        started = 0  # order[:started] have yielded their first output
         try:
             for (text, tokens), p in zip(encoded, params):
-                unfinished.add(self.engine.add_request(tokens, p, prompt=text))
+                order.append(self.engine.add_request(tokens, p, prompt=text))
+            unfinished.update(order)
+            position = {rid: i for i, rid in enumerate(order)}
             while unfinished:
                 for out in self.engine.step():
-                    if out.request_id in unfinished:
-                        if out.finished:
-                            unfinished.discard(out.request_id)
-                        yield out
+                    if out.request_id not in unfinished:
+                        continue
+                    if out.finished:
+                        unfinished.discard(out.request_id)
+                    if position[out.request_id] > started:
+                        held[out.request_id] = out
+                        continue
+                    yield out
+                    while started < len(order) and (order[started] == out.request_id or order[started] in held):
+                        if order[started] in held:
+                            yield held.pop(order[started])
+                        started += 1
         finally:
             for rid in unfinished:
                 self.engine.abort(rid)
