@@ -30,8 +30,8 @@ def register(sub) -> None:
 class ChatSession:
     """A conversation with an engine: the history, and one streamed answer at a time."""
 
-    def __init__(self, engine, params, system: str | None = None):
-        self.engine = engine
+    def __init__(self, llm, params, system: str | None = None):
+        self.llm = llm
         self.params = params
         self.system = system
         self.history: list[dict] = []  # user and assistant turns, oldest first
@@ -59,27 +59,27 @@ class ChatSession:
         """Stream the answer to `text`; a finished answer joins the history, a stopped one is dropped with its
         question. Closing the iterator early aborts the request."""
         self.history.append({"role": "user", "content": text})
-        rid, answer, finished = None, "", False
+        answer, finished, stream = "", False, None
         try:
-            rid = self.engine.add_request(self._prompt_ids(), self.params)
+            stream = self.llm.stream({"prompt_token_ids": self._prompt_ids()}, self.params)
             self.stop_requested = False
-            while not finished and not self.stop_requested:
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        piece, answer, finished = out.outputs[0].text[len(answer):], out.outputs[0].text, out.finished
-                        if piece:
-                            yield piece
+            for out in stream:  # one output per engine step that extends the answer
+                piece, answer, finished = out.text[len(answer):], out.text, out.finished
+                if piece:
+                    yield piece
+                if self.stop_requested:
+                    break
         finally:
+            if stream is not None:
+                stream.close()  # aborts the request if it is still running
             if finished:
                 self.history.append({"role": "assistant", "content": answer})
             else:
                 self.history.pop()
-                if rid is not None:
-                    self.engine.abort(rid)
 
     def _prompt_ids(self) -> list[int]:
         """The conversation as prompt ids, dropping the oldest exchanges until it leaves room for an answer."""
-        tok, limit = self.engine.tokenizer, self.engine.config.max_model_len
+        tok, limit = self.llm.get_tokenizer(), self.llm.config.max_model_len
         room = self.params.max_tokens or 1
         ids = tok.encode_chat(self.messages)
         while len(ids) + room > limit and len(self.history) > 1:
@@ -134,10 +134,10 @@ def read_lines(interactive: bool) -> Iterator[str]:
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_params(args)
-    engine = load_llm(args).engine
-    if not engine.tokenizer.chat_template:
+    llm = load_llm(args)
+    if not llm.get_tokenizer().chat_template:
         raise ValueError(f"model {args.model!r} has no chat template; use `pbs-engine generate --raw`")
-    session = ChatSession(engine, params, args.system)
+    session = ChatSession(llm, params, args.system)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"pbs-engine chat: {COMMANDS_HELP}", file=sys.stderr)
