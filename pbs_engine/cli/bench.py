@@ -1,13 +1,14 @@
-"""`pbs-engine bench kernels|prefill|decode`: GPU benchmarks that print ratios against peers from the same run."""
+"""`pbs-engine bench kernels|prefill|decode|cpu`: benchmarks that print ratios against peers from the same run (GPU
+ones, and the CPU prefill)."""
 from __future__ import annotations
 
 import argparse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="GPU benchmarks (kernels, prefill TTFT, decode throughput)")
+    p = sub.add_parser("bench", help="benchmarks: GPU kernels, prefill TTFT, decode throughput; CPU prefill")
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
-    from pbs_engine.bench import kernels, runtime
+    from pbs_engine.bench import cpu, kernels, runtime
 
     k = kinds.add_parser("kernels", help="attention kernels vs torch SDPA (cuDNN, flash), FlexAttention")
     kernels.add_args(k)
@@ -16,6 +17,9 @@ def register(sub) -> None:
         q = kinds.add_parser(name, help=f"engine {name} vs HF transformers")
         runtime.add_args(q, prefill=is_prefill)
         q.set_defaults(func=_needs_gpu(fn))
+    c = kinds.add_parser("cpu", help="CPU prefill TTFT, dense and PBS, vs HF transformers (no GPU needed)")
+    cpu.add_args(c)
+    c.set_defaults(func=cpu.run)
 
 
 def _needs_gpu(fn):
