@@ -26,6 +26,14 @@ def test_logits_match_transformers(kind, tmp_path):
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=2e-4)
 
 
+def test_cpu_mlp_in_row_chunks_gives_the_same_logits(monkeypatch, tmp_path):
+    """On CPU the MLP runs CPU_MLP_ROWS tokens at a time; a prompt over several chunks still matches transformers."""
+    from pbs_engine.models import llama
+
+    monkeypatch.setattr(llama, "CPU_MLP_ROWS", 64)
+    test_logits_match_transformers("llama_gqa_llama3", tmp_path)
+
+
 def test_pbs_dense_layers_attend_densely(tmp_path):
     """PBSConfig.dense_layers: those first layers run dense attention; the rest run PBS and report their stats."""
     from pbs_engine.kernels import PBSConfig

@@ -5,14 +5,14 @@ import argparse
 
 
 def register(sub) -> None:
-    sub.add_parser("bench", help="benchmarks: GPU kernels, prefill TTFT, decode throughput; CLI start-up",
+    sub.add_parser("bench", help="benchmarks: GPU kernels, prefill TTFT, decode throughput; CPU prefill; CLI start-up",
                    build=_add_kinds)
 
 
 def _add_kinds(p: argparse.ArgumentParser) -> None:
     """The kinds' options: built only when `bench` is used, as their modules import torch."""
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
-    from pbs_engine.bench import check, kernels, profile, runtime, startup
+    from pbs_engine.bench import check, cpu, kernels, profile, runtime, startup
 
     k = kinds.add_parser("kernels", help="attention kernels vs torch SDPA (cuDNN, flash), FlexAttention")
     kernels.add_args(k)
@@ -30,6 +30,9 @@ def _add_kinds(p: argparse.ArgumentParser) -> None:
     profile.add_args(f)
     f.set_defaults(func=_needs_gpu(profile.run))
     startup.register(kinds)
+    c = kinds.add_parser("cpu", help="CPU prefill TTFT, dense and PBS, vs HF transformers (no GPU needed)")
+    cpu.add_args(c)
+    c.set_defaults(func=cpu.run)
 
 
 def _needs_gpu(fn):

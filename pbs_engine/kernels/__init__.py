@@ -1,6 +1,7 @@
 """Attention and layer kernels. Each public function runs its Triton kernel on CUDA tensors and its PyTorch
-reference (`*_ref`, same signature, the specification) otherwise; `*_triton` in each module forces the kernel
-(the tests run those on CPU under TRITON_INTERPRET=1). docs/kernels.md lists them with their layouts."""
+reference (`*_ref`, same signature, the specification) otherwise, except prefill attention, whose CPU path is
+torch's SDPA (dense) or a blocked torch computation (PBS), tested against the references; `*_triton` in each module
+forces the kernel (the tests run those on CPU under TRITON_INTERPRET=1). docs/kernels.md lists them."""
 from pbs_engine.kernels.config import PBSConfig
 from pbs_engine.kernels.flash_prefill import flash_prefill, flash_prefill_ref
 from pbs_engine.kernels.fused import rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref

@@ -1,5 +1,5 @@
-"""Kernel dispatch: Triton for CUDA tensors, the PyTorch reference otherwise (tests call the `*_triton`
-launchers directly under TRITON_INTERPRET=1)."""
+"""Kernel dispatch: Triton for CUDA tensors, PyTorch otherwise (the reference, or for attention a fast torch path
+tested against it); tests call the `*_triton` launchers directly under TRITON_INTERPRET=1."""
 from __future__ import annotations
 
 import torch

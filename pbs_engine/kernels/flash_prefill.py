@@ -6,10 +6,13 @@ Each sequence's queries are the last q_len of its kv_len positions (chunked pref
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from pbs_engine.kernels.dispatch import use_triton
+
+SDPA_CHUNK = 256  # query rows per masked SDPA call after a cached prefix: each call stops at its own last key
 
 
 def flash_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -29,6 +32,35 @@ def flash_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
             scores = scores.masked_fill(torch.arange(k1 - k0, device=q.device)[None, :] > q_pos, float("-inf"))
         out[q0:q1] = (scores.softmax(-1) @ vi).transpose(0, 1).to(q.dtype)
     return out
+
+
+def flash_prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                       cu_seqlens_k: torch.Tensor, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
+    """The CPU serving path: torch's fused SDPA per sequence, GQA without repeating K/V. After a cached prefix
+    (q_len < kv_len) the causal mask is bottom-right aligned, so it is built per chunk of SDPA_CHUNK query rows
+    whose keys end at the chunk's last position (the masked kernel computes every score it is given)."""
+    out = torch.empty_like(q)
+    for (q0, q1), (k0, k1) in zip(_pairs(cu_seqlens_q), _pairs(cu_seqlens_k)):
+        qi, ki, vi = (x.transpose(0, 1)[None] for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        prefix = (k1 - k0) - (q1 - q0)
+        if not causal or prefix == 0:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal, scale=sm_scale, enable_gqa=True)
+            out[q0:q1] = o[0].transpose(0, 1)
+            continue
+        for r0 in range(0, q1 - q0, SDPA_CHUNK):
+            r1 = min(r0 + SDPA_CHUNK, q1 - q0)
+            mask = torch.arange(prefix + r1, device=q.device) <= torch.arange(prefix + r0, prefix + r1,
+                                                                              device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(qi[:, :, r0:r1], ki[:, :, :prefix + r1], vi[:, :, :prefix + r1],
+                                               attn_mask=mask, scale=sm_scale, enable_gqa=True)
+            out[q0 + r0:q0 + r1] = o[0].transpose(0, 1)
+    return out
+
+
+def _pairs(cu_seqlens: torch.Tensor) -> list[tuple[int, int]]:
+    """cu_seqlens (B+1,) -> [(start, end)] of each sequence, on the host."""
+    bounds = cu_seqlens.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 @triton.jit
@@ -186,7 +218,6 @@ def flash_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 
 def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                   cu_seqlens_k: torch.Tensor, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
-    """Causal (or full) attention of each sequence's queries over its keys; Triton on CUDA, the reference elsewhere."""
-    if use_triton(q):
-        return flash_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
-    return flash_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
+    """Causal (or full) attention of each sequence's queries over its keys; Triton on CUDA, torch's SDPA elsewhere."""
+    attend = flash_prefill_triton if use_triton(q) else flash_prefill_sdpa
+    return attend(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)

@@ -6,9 +6,11 @@ Layouts: q (N, Hq, D); k, v (N_kv, Hkv, D), N_kv >= N, the first N_kv - N keys a
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -226,26 +228,70 @@ def pbs_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
     return pbs_attention_triton(q, sel, config, scale), PBSStats(kept=sel.kept, visible=sel.visible)
 
 
+GATHER_ELEMENTS = 1 << 24  # CPU path: the most K (and V) elements gathered for one attention call
+
+
+def sdpa_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Hq, r, D), k/v (B, Hkv, L, D) -> (output (B, Hq, r, D), log-sum-exp of each row's scaled scores
+    (B, Hq, r)): the CPU flash-attention kernel behind F.scaled_dot_product_attention, called directly for the
+    log-sum-exp that lets two attentions over disjoint keys be merged. GQA by Hq % Hkv; mask additive, broadcast."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                       scale=scale)
+
+
+def _diagonal_attention(qb: torch.Tensor, sel: PBSSelection, bs: int, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """qb (nqb, Hq, bs, D) -> (output, lse) of every query block over its diagonal-segment key blocks, the last
+    diag_count entries of every list (the same blocks for all heads), causal by original position."""
+    nqb, hq, _, d = qb.shape
+    hk, npad, _ = sel.keys.shape
+    nkb, dev = npad // bs, qb.device
+    diag = sel.diag_count.long()[:, None]
+    j = torch.arange(int(diag.max()), device=dev)
+    slot = (sel.block_count[0].long()[:, None] - diag + j).clamp_(0, sel.block_idx.shape[2] - 1)
+    blocks = sel.block_idx[0].long().gather(1, slot)[:, None] + torch.arange(hk, device=dev)[:, None] * nkb
+    keys, values = (x.view(hk * nkb, bs * d).index_select(0, blocks.flatten()).view(nqb, hk, -1, d)
+                    for x in (sel.keys, sel.values))
+    key_pos = sel.key_pos.view(hk * nkb, bs).index_select(0, blocks.flatten()).view(nqb, hk, 1, -1)
+    q_pos = (torch.arange(nqb * bs, device=dev) + sel.q_offset).view(nqb, 1, bs, 1)
+    listed = (j < diag).repeat_interleave(bs, 1)[:, None, None]  # slots past a block's diag_count: padding
+    mask = torch.where((key_pos <= q_pos) & listed, 0.0, float("-inf"))
+    return sdpa_lse(qb, keys, values, scale, mask.repeat_interleave(hq // hk, 1) if hk > 1 else mask)
+
+
 def pbs_attention_torch(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, scale: float) -> torch.Tensor:
-    """The kernel's job in batched torch ops (the engine's CPU path): attention under the kept-block mask, the
-    causal mask applied through original positions, one KV group at a time."""
+    """The kernel's job in torch (the engine's CPU path) without an N x N mask: (1) every query block against its
+    diagonal-segment blocks, causal, in one call; (2) each (query head, query block) against its other kept
+    blocks, gathered, the pairs with equally many in one unmasked call; (3) the two softmaxes merged by their
+    log-sum-exps."""
     n, hq, d = q.shape
-    hkv, npad, _ = sel.keys.shape
-    group, bs = hq // hkv, cfg.block_size
-    idx, count = (x.repeat_interleave(sel.list_group, 0) for x in (sel.block_idx, sel.block_count))
-    listed = torch.arange(idx.shape[2], device=q.device) < count[..., None]
-    keep = torch.zeros(hq, count.shape[1], npad // bs + 1, dtype=torch.bool, device=q.device)
-    keep.scatter_(2, torch.where(listed, idx.long(), npad // bs), True)  # unlisted -> a spare column
-    keep = keep[..., :-1].repeat_interleave(bs, 1)[:, :n].repeat_interleave(bs, 2)  # (Hq, N, Npad)
-    q_pos = torch.arange(n, device=q.device) + sel.q_offset
-    out = torch.empty_like(q)
-    for g in range(hkv):
-        heads = slice(g * group, (g + 1) * group)
-        allowed = keep[heads] & (sel.key_pos[g][None, None, :] <= q_pos[None, :, None])
-        scores = torch.einsum("nhd,kd->hnk", q[:, heads].float(), sel.keys[g].float()) * scale
-        probs = scores.masked_fill_(~allowed, float("-inf")).softmax(-1).nan_to_num_(0.0)
-        out[:, heads] = torch.einsum("hnk,kd->nhd", probs, sel.values[g].float()).to(q.dtype)
-    return out
+    hk, npad, _ = sel.keys.shape
+    bs, lg = cfg.block_size, sel.list_group
+    nkb, nqb, dev = npad // bs, sel.block_count.shape[1], q.device
+    if n < nqb * bs:  # whole query blocks: the rows past n are dropped at the end
+        q = torch.cat([q, q.new_zeros(nqb * bs - n, hq, d)])
+    qb = q.view(nqb, bs, hq, d).transpose(1, 2)
+    out, lse = (x.transpose(0, 1).reshape(hq * nqb, bs, -1) for x in _diagonal_attention(qb, sel, bs, scale))
+    q_pairs = qb.transpose(0, 1).reshape(hq * nqb, 1, bs, d)  # pair p = (query head p // nqb, block p % nqb)
+    others = (sel.block_count - sel.diag_count).repeat_interleave(lg, 0).flatten()
+    lists = sel.block_idx.repeat_interleave(lg, 0).flatten(0, 1).long()
+    first = (torch.arange(hq, device=dev) // (hq // hk) * nkb).repeat_interleave(nqb)[:, None]
+    keys, values = sel.keys.view(hk * nkb, bs * d), sel.values.view(hk * nkb, bs * d)
+    order = others.argsort(stable=True)
+    sizes = others[order].tolist()
+    a = sizes.count(0)
+    while a < len(sizes):
+        w = sizes[a]
+        b = min(bisect.bisect_right(sizes, w), a + max(1, GATHER_ELEMENTS // (w * bs * d)))
+        p = order[a:b]
+        blocks = (lists[p, :w] + first[p]).flatten()
+        o, l = sdpa_lse(q_pairs[p], keys.index_select(0, blocks).view(b - a, 1, w * bs, d),
+                        values.index_select(0, blocks).view(b - a, 1, w * bs, d), scale)
+        share = torch.sigmoid(l[:, 0, :, None] - lse[p])  # of the pair's softmax mass, in its listed blocks
+        out[p] = torch.lerp(out[p], o[:, 0], share)
+        a = b
+    return out.view(hq, nqb * bs, d).transpose(0, 1)[:n]
 
 
 def pbs_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,

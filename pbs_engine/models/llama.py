@@ -38,6 +38,10 @@ class DecoderAttention(nn.Module):
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
+CPU_MLP_ROWS = 1024  # tokens per MLP pass on CPU: the (rows, 2 x intermediate) activations stay in cache
+# (SmolLM2-135M, 4K tokens, 2 threads: 132 ms per layer against 157 ms in one pass)
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, tp: TensorParallel):
         super().__init__()
@@ -47,7 +51,12 @@ class MLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        if x.is_cuda or len(x) <= CPU_MLP_ROWS:
+            return self.down_proj(self.act(self.gate_up_proj(x)))
+        out = torch.empty_like(x)
+        for r in range(0, len(x), CPU_MLP_ROWS):
+            out[r:r + CPU_MLP_ROWS] = self.forward(x[r:r + CPU_MLP_ROWS])
+        return out
 
 
 class DecoderLayer(nn.Module):

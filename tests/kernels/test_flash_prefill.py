@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pbs_engine.kernels.flash_prefill import flash_prefill_ref, flash_prefill_triton
+from pbs_engine.kernels.flash_prefill import SDPA_CHUNK, flash_prefill_ref, flash_prefill_sdpa, flash_prefill_triton
 
 SHAPES = [(7, 1, 64), (8, 2, 128), (4, 4, 32)]  # (query heads, KV heads, head_dim): GQA 7:1, 4:1, MHA
 
@@ -24,6 +24,18 @@ def test_varlen_chunks_after_a_cached_prefix_match_reference(hq, hkv, d, tma):
     q, k, v = rand(sum(lens_q), hq, d, seed=1), rand(sum(lens_k), hkv, d, seed=2), rand(sum(lens_k), hkv, d, seed=3)
     out = flash_prefill_triton(q, k, v, cu(lens_q), cu(lens_k), tma=tma)
     torch.testing.assert_close(out, flash_prefill_ref(q, k, v, cu(lens_q), cu(lens_k)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hq, hkv, d", SHAPES)
+def test_cpu_sdpa_path_matches_reference(hq, hkv, d):
+    """The CPU serving path (torch SDPA, GQA without repeats) on a varlen batch: a fresh prompt, a short chunk after
+    a prefix, and a chunk longer than SDPA_CHUNK after one (its bottom-right causal mask built chunk by chunk)."""
+    lens_q, lens_k = [37, 5, SDPA_CHUNK + 44], [37, 21, SDPA_CHUNK + 144]
+    q, k, v = rand(sum(lens_q), hq, d, seed=1), rand(sum(lens_k), hkv, d, seed=2), rand(sum(lens_k), hkv, d, seed=3)
+    for causal in (True, False):
+        out = flash_prefill_sdpa(q, k, v, cu(lens_q), cu(lens_k), causal=causal)
+        ref = flash_prefill_ref(q, k, v, cu(lens_q), cu(lens_k), causal=causal)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_non_causal_matches_reference():

@@ -185,18 +185,39 @@ def test_bad_config_names_the_field(field, kwargs):
         PBSConfig(**kwargs)
 
 
-@pytest.mark.parametrize("n, n_kv", [(100, 100), (70, 133)])
-def test_cpu_engine_path_matches_specification(n, n_kv):
-    """pbs_prefill on CPU (batched selection + torch attention) equals the loop-by-loop reference."""
-    gen = torch.Generator().manual_seed(21)
-    q, k, v = (torch.randn(s, h, 64, generator=gen) for s, h in ((n, 8), (n_kv, 2), (n_kv, 2)))
-    for cfg in (PBSConfig(block_size=16, segment_size=32, threshold=0.6, permute=True),
-                PBSConfig(block_size=16, segment_size=32, budget=0.3, permute=False),
-                PBSConfig(block_size=16, segment_size=32, threshold=0.6, query_reps=4)):
-        out, stats = pbs_prefill(q, k, v, cfg)
-        ref, ref_stats = pbs_prefill_ref(q, k, v, cfg)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-        assert stats.density == pytest.approx(ref_stats.density)
+@pytest.mark.parametrize("hq, hkv, d", SHAPES)
+@pytest.mark.parametrize("n, n_kv", [(100, 100), (70, 133), (200, 260)])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cpu_engine_path_matches_specification(hq, hkv, d, n, n_kv, name):
+    """pbs_prefill on CPU (batched selection, then blocked attention: the diagonal segment causal, the other kept
+    blocks gathered per head, merged by log-sum-exp) equals the loop-by-loop reference."""
+    q, k, v = rand(n, hq, d, seed=21), rand(n_kv, hkv, d, seed=22), rand(n_kv, hkv, d, seed=23)
+    out, stats = pbs_prefill(q, k, v, CONFIGS[name])
+    ref, ref_stats = pbs_prefill_ref(q, k, v, CONFIGS[name])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert stats.kept.tolist() == ref_stats.kept.tolist()
+
+
+def test_cpu_attention_split_into_small_gathers_matches_specification(monkeypatch):
+    """With room for one key block per gather, every (query head, query block) pair attends in its own call."""
+    pp = importlib.import_module("pbs_engine.kernels.pbs_prefill")
+    monkeypatch.setattr(pp, "GATHER_ELEMENTS", 1)
+    q, k, v = rand(70, 8, 64, seed=24), rand(133, 2, 64, seed=25), rand(133, 2, 64, seed=26)
+    for name in ("threshold", "budget-nopermute"):
+        torch.testing.assert_close(pbs_prefill(q, k, v, CONFIGS[name])[0], pbs_prefill_ref(q, k, v, CONFIGS[name])[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_lse_returns_attention_and_its_log_sum_exp():
+    from pbs_engine.kernels.pbs_prefill import sdpa_lse
+
+    q, k, v = rand(2, 4, 16, 32, seed=27), rand(2, 2, 24, 32, seed=28), rand(2, 2, 24, 32, seed=29)
+    mask = torch.zeros(2, 1, 16, 24).masked_fill_(torch.rand(2, 1, 16, 24, generator=torch.Generator().manual_seed(0))
+                                                 < 0.3, float("-inf"))
+    out, lse = sdpa_lse(q, k, v, 0.2, mask)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.2 + mask
+    torch.testing.assert_close(out, scores.softmax(-1) @ v.repeat_interleave(2, 1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
 
 
 # the interpreter runs one program per (head, query block): a few configs also with a cached prefix
