@@ -3,11 +3,10 @@ pass of HF transformers (SDPA attention, float32) on the same tokens, same threa
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from pbs_engine.bench.runtime import _dump, _print
+from pbs_engine.bench.common import print_table, wall_s, write_json
 
 METHODS = ("dense", "pbs")
 
@@ -31,12 +30,6 @@ def _prompt_ids(llm, length: int) -> list[int]:
     return ids[:length]
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def run(args: argparse.Namespace) -> int:
     from pbs_engine import LLM, SamplingParams
     from pbs_engine.engine.model_source import resolve_model
@@ -52,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=1, ignore_eos=True)
 
     def ours(method: str) -> float:
-        llm.engine.config.attention = method
+        llm.set_prefill_attention(method)
         out = llm.generate({"prompt_token_ids": ids}, params)[0]
         return out.metrics.first_token_time - out.metrics.arrival_time
 
@@ -61,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     hf = None if args.no_hf else _hf_model(path)
     prompt = torch.tensor([ids])
     for m in METHODS:  # warm up each path once on a short prompt
-        llm.engine.config.attention = m
+        llm.set_prefill_attention(m)
         llm.generate({"prompt_token_ids": ids[:256]}, params)
     with torch.inference_mode():
         if hf is not None:
@@ -70,15 +63,15 @@ def run(args: argparse.Namespace) -> int:
             for m in METHODS:
                 runs[m].append(ours(m))
             if hf is not None:
-                hf_runs.append(_timed(lambda: hf(prompt, logits_to_keep=1)))
+                hf_runs.append(wall_s(lambda: hf(prompt, logits_to_keep=1)))
     hf_s = min(hf_runs) if hf_runs else None
     rows = [{"method": m, "tokens": args.length, "ours_s": min(runs[m]), "hf_s": hf_s,
              "hf_over_ours": hf_s / min(runs[m]) if hf_s else None, "tok_per_s": args.length / min(runs[m])}
             for m in METHODS]
-    _print(f"CPU prefill TTFT, {path.name}, {args.length} tokens, {args.threads} threads, float32, best of "
+    print_table(f"CPU prefill TTFT, {path.name}, {args.length} tokens, {args.threads} threads, float32, best of "
            f"{args.repeats}; hf_over_ours > 1: pbs-engine is faster", rows,
            ["method", "tokens", "ours_s", "hf_s", "hf_over_ours", "tok_per_s"])
-    _dump(args, rows)
+    write_json(args.json, rows)
     return 0
 
 
