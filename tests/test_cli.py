@@ -114,3 +114,29 @@ def test_models_lists_the_converted_models_and_removes_one(tmp_path, monkeypatch
     assert "removed small-0123" in capsys.readouterr().out and not (tmp_path / "models" / "small-0123").exists()
     assert main(["models", "--remove", "small-0123"]) == 2
     assert "small-0123" in capsys.readouterr().err and (tmp_path / "models" / "big-4567").is_dir()
+
+
+def test_a_bad_sampling_flag_is_named_as_the_flag(smollm2_path, capsys):
+    assert main(["generate", "--model", str(smollm2_path), "--device", "cpu", "--max-tokens", "-5", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "pbs-engine: error: --max-tokens -5: must be >= 1"
+
+
+def test_an_unknown_device_is_one_short_line(smollm2_path, capsys):
+    assert main(["generate", "--model", str(smollm2_path), "--device", "tpu", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "pbs-engine: error: device 'tpu': choose cuda, cuda:N or cpu"
+
+
+def test_an_unreachable_hub_says_so_and_points_to_offline_use(monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Failed to establish a new connection: [Errno 101] Network is unreachable")
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    assert main(["generate", "--model", "qwen2.5-7b-1m", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "HF_HUB_OFFLINE=1" in err and "pbs-engine convert" in err

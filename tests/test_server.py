@@ -117,6 +117,14 @@ def test_completion_logprobs_have_openai_shape(client):
     assert all(lp_ <= 0 for lp_ in lp.token_logprobs) and all(2 <= len(top) <= 3 for top in lp.top_logprobs)
 
 
+def test_streamed_completion_text_offsets_continue_across_chunks(client):
+    whole = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=6, temperature=0, logprobs=1)
+    chunks = client.completions.create(model=MODEL, prompt="One, two,", max_tokens=6, temperature=0, logprobs=1,
+                                       stream=True)
+    offsets = [o for c in chunks if c.choices and c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+    assert offsets == whole.choices[0].logprobs.text_offset and offsets[-1] > 0
+
+
 def test_chat_logprobs_have_openai_shape(client):
     res = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0, logprobs=True,
                                          top_logprobs=2)

@@ -97,8 +97,18 @@ def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespac
     """Run a command; bad input (a ValueError, TypeError or OSError we raised) becomes a one-line message."""
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from pbs_engine.engine.errors import InvalidRequest
+
     try:
         return fn(args)
+    except InvalidRequest as e:  # a request field: say it as the flag that set it
+        flag = f"--{e.param.replace('_', '-')}" if e.param else None
+        value = getattr(args, e.param, None) if e.param else None
+        if flag and e.reason and value is not None:
+            print(f"pbs-engine: error: {flag} {value}: {e.reason}", file=sys.stderr)
+        else:
+            print(f"pbs-engine: error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, OSError) as e:
         print(f"pbs-engine: error: {e}", file=sys.stderr)
         return 2

@@ -43,12 +43,12 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             dev = torch.device(self.device)
-        except RuntimeError as e:
-            raise ValueError(f"device={self.device!r} is not a torch device ({e})") from e
+        except (RuntimeError, TypeError):
+            dev = None
+        if dev is None or dev.type not in ("cuda", "cpu"):
+            raise ValueError(f"device {self.device!r}: choose cuda, cuda:N or cpu")
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} but no CUDA GPU is available; use device='cpu'")
-        if dev.type not in ("cuda", "cpu"):
-            raise ValueError(f"device={self.device!r}: only cuda and cpu are supported")
+            raise ValueError(f"device {self.device!r}, but no CUDA GPU is visible: run on the CPU (device cpu)")
         if self.dtype is None:
             self.dtype = "bfloat16" if dev.type == "cuda" else "float32"
         if self.dtype not in DTYPES:

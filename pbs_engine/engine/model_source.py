@@ -65,8 +65,27 @@ def hub_snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_PATTERNS,
                                       local_files_only=offline))
     except Exception as e:  # the hub raises many types: offline miss, 401, 404, network
-        where = "in the local cache (HF_HUB_OFFLINE is set)" if offline else "on the Hugging Face hub"
-        raise ModelNotFoundError(f"model {repo_id!r} not found {where}: {type(e).__name__}: {e}") from e
+        if offline:
+            problem = "is not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
+        elif _network_error(e):
+            problem = ("could not be fetched: the Hugging Face hub is unreachable (HF_HUB_OFFLINE=1 uses the local "
+                       "cache alone)")
+        else:
+            problem = "was not found on the Hugging Face hub"
+        raise ModelNotFoundError(
+            f"model {repo_id!r} {problem}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; give a "
+            f"local directory, or a .gguf file (converted on first use; `pbs-engine convert` does it ahead)") from e
+
+
+def _network_error(e: BaseException) -> bool:
+    """Whether the hub failed for want of a connection rather than for a missing repo."""
+    names = {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "OfflineModeIsEnabled",
+             "LocalEntryNotFoundError", "ProxyError", "SSLError", "ConnectError", "NameResolutionError"}
+    while e is not None:
+        if type(e).__name__ in names or isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def converted_gguf(gguf_path: Path) -> Path:

@@ -53,7 +53,7 @@ class SamplingParams:
         ]
         for ok, name, why in checks:
             if not ok:
-                raise InvalidRequest(name, f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+                raise InvalidRequest(name, f"SamplingParams.{name}={getattr(self, name)!r}: {why}", reason=why)
 
     @property
     def greedy(self) -> bool:

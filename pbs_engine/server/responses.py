@@ -87,12 +87,17 @@ class Job:
         if self.logprobs is None or positions is None:
             return None
         rows = list(zip(token_ids[start:], positions[start:]))
-        return _chat_logprobs(rows, self.logprobs) if self.chat else _completion_logprobs(rows)
+        if self.chat:
+            return _chat_logprobs(rows, self.logprobs)
+        before = sum(len(row[tok].decoded_token or "") for tok, row in zip(token_ids[:start], positions[:start]))
+        return _completion_logprobs(rows, before)
 
 
-def _completion_logprobs(rows: list[tuple[int, PositionLogprobs]]) -> dict:
+def _completion_logprobs(rows: list[tuple[int, PositionLogprobs]], offset: int = 0) -> dict:
+    """OpenAI's legacy logprobs; text_offset counts characters from the start of the completion (a stream chunk
+    continues where the text already sent ends)."""
     tokens = [row[tok].decoded_token or "" for tok, row in rows]
-    offsets, at = [], 0
+    offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
