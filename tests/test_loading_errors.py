@@ -147,8 +147,13 @@ def corrupt_model(request, smollm2_path, tmp_path) -> tuple[Path, str]:
 
 
 def generate(model: Path, capsys) -> tuple[int, str]:
+    """Exit code and stderr of the command, less its progress lines ("loading model ...")."""
     code = main(["generate", "--model", str(model), "--device", "cpu", "--max-tokens", "1", "hi"])
-    return code, capsys.readouterr().err
+    return code, without_progress(capsys.readouterr().err)
+
+
+def without_progress(err: str) -> str:
+    return "".join(line for line in err.splitlines(keepends=True) if not line.startswith("pbs-engine: loading "))
 
 
 @pytest.mark.parametrize("corrupt_model", list(CASES), indirect=True)
@@ -185,7 +190,7 @@ def test_truncated_weights_exit_2_with_one_line_from_the_command(smollm2_path, t
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     weights, real = model / "model.safetensors", smollm2_path / "model.safetensors"
     assert run.returncode == 2
-    assert run.stderr.splitlines() == [(f"pbs-engine: error: {weights}: truncated: its header needs "
+    assert without_progress(run.stderr).splitlines() == [(f"pbs-engine: error: {weights}: truncated: its header needs "
                                         f"{real.stat().st_size} bytes, the file has {weights.stat().st_size}")]
 
 
