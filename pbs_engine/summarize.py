@@ -61,14 +61,11 @@ class SummaryJob:
         if "{text}" not in template:
             raise ValueError("--prompt-template must contain the {text} placeholder")
         self.engine, self.params, self.template, self.truncate = engine, params, template, truncate
-        self.system = [{"role": "system", "content": system}] if system else []
+        self.system = system
         self.room = engine.config.max_model_len - params.max_tokens
 
     def render(self, text: str) -> list[int]:
-        tok, content = self.engine.tokenizer, self.template.replace("{text}", text)
-        if tok.chat_template:
-            return tok.encode_chat(self.system + [{"role": "user", "content": content}])
-        return tok.encode(content)
+        return self.engine.tokenizer.encode_prompt(self.template.replace("{text}", text), self.system)
 
     def prompt(self, doc: Document) -> tuple[list[int], bool]:
         if doc.error:

@@ -65,12 +65,7 @@ def run(args: argparse.Namespace) -> int:
     samples = [params if params.seed is None else replace(params, seed=params.seed + j) for j in range(args.n)]
     llm = load_llm(args)
     tok = llm.get_tokenizer()
-    system = [{"role": "system", "content": args.system}] if args.system else []
-    if args.raw or not tok.chat_template:
-        inputs = prompts
-    else:
-        inputs = [{"prompt": p, "prompt_token_ids": tok.encode_chat(system + [{"role": "user", "content": p}])}
-                  for p in prompts]
+    inputs = [{"prompt": p, "prompt_token_ids": tok.encode_prompt(p, args.system, args.raw)} for p in prompts]
     total = len(prompts) * args.n
 
     positions: dict[str, int] = {}  # request id -> completion number; first outputs come in submission order

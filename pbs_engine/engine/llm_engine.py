@@ -52,14 +52,15 @@ class LLMEngine:
             self.workers = Workers(config, str(self.model_dir), from_model)
             try:
                 tp = process_group(config, 0, self.workers.port)
-                self.runner = ModelRunner(config, str(self.model_dir), from_model, tp, rank_device(config, 0))
+                self.runner = ModelRunner(config, str(self.model_dir), from_model, tp, rank_device(config, 0),
+                                          model_config)
                 self.workers.wait_ready()
             except Exception:
                 self.workers.check(wait=2.0)  # a worker's own error says more than the broken collective
                 self.workers.stop()
                 raise
         else:
-            self.runner = ModelRunner(config, str(self.model_dir), from_model)
+            self.runner = ModelRunner(config, str(self.model_dir), from_model, model_config=model_config)
         self.model_config = self.runner.model_config
         self.blocks = BlockManager(self.runner.num_kv_blocks, config.kv_block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,

@@ -51,13 +51,13 @@ class StepInput:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir: str, max_model_len_from_model: bool,
-                 tp: TensorParallel = SINGLE, device: torch.device | None = None):
+                 tp: TensorParallel = SINGLE, device: torch.device | None = None, model_config=None):
         self.config = config
         self.max_model_len_from_model = max_model_len_from_model
         self.tp = tp
         self.device = device or torch.device(config.device)
         self.model = build_model(model_dir, self.device, config.torch_dtype, config.max_model_len,
-                                 config.load_format, tp)
+                                 config.load_format, tp, model_config)
         self.model_config = self.model.config
         self.sampler = Sampler(self.device)
         self.num_kv_blocks = self._allocate_kv_cache()

@@ -111,6 +111,14 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template rejected the messages: {e}") from e
 
+    def encode_prompt(self, text: str, system: str | None = None, raw: bool = False) -> list[int]:
+        """The one place a user's text becomes prompt ids: as the user message of the chat template (after an
+        optional system message) when the model has one, else (or with `raw`) the text itself."""
+        if raw or not self.chat_template:
+            return self.encode(text)
+        return self.encode_chat(([{"role": "system", "content": system}] if system else []) +
+                                [{"role": "user", "content": text}])
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template already places BOS and role markers; HF tokenizes it without adding special tokens.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)

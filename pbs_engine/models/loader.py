@@ -127,12 +127,13 @@ def _destination(model, params, modules, name: str, path: Path) -> tuple[str, to
 
 
 def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_position: int,
-                load_format: str = "auto", tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
+                load_format: str = "auto", tp: TensorParallel = SINGLE, config: ModelConfig | None = None
+                ) -> LlamaForCausalLM:
     """Instantiate the architecture config.json names directly on `device` in `dtype`, then load its weights
     ("auto"), or fill them with random values ("dummy": config.json alone suffices; for speed runs, never quality)."""
     model_dir = Path(model_dir)
     checkpoint = {f: read_safetensors_header(f) for f in checkpoint_files(model_dir)} if load_format == "auto" else {}
-    cfg = ModelConfig.from_dir(model_dir)
+    cfg = config or ModelConfig.from_dir(model_dir)  # the engine passes the one it read
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
