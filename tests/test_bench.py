@@ -41,3 +41,11 @@ def test_random_shape_source_is_named_when_unknown():
 def test_gpu_benchmarks_refuse_clearly_without_a_gpu(kind, capsys):
     assert main(["bench", kind]) == 2
     assert "need a CUDA GPU" in capsys.readouterr().err
+
+
+def test_serve_benchmark_runs_on_the_cpu_at_small_sizes(smollm2_path, capsys):
+    assert main(["bench", "serve", "--model", str(smollm2_path), "--device", "cpu", "--method", "dense",
+                 "--streams", "2", "--stream-len", "16", "--long", "300", "--shorts", "2", "--short-len", "16",
+                 "--max-num-batched-tokens", "128", "--baseline-steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "streams' inter-token gap p99" in out and "short prompts' TTFT" in out and "long prompt's TTFT" in out

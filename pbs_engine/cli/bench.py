@@ -12,7 +12,7 @@ def register(sub) -> None:
 def _add_kinds(p: argparse.ArgumentParser) -> None:
     """The kinds' options: built only when `bench` is used, as their modules import torch."""
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
-    from pbs_engine.bench import check, cpu, kernels, profile, runtime, startup
+    from pbs_engine.bench import check, cpu, kernels, profile, runtime, serve, startup
 
     k = kinds.add_parser("kernels", help="attention kernels vs torch SDPA (cuDNN, flash), FlexAttention")
     kernels.add_args(k)
@@ -29,6 +29,10 @@ def _add_kinds(p: argparse.ArgumentParser) -> None:
     f = kinds.add_parser("profile", help="one warm prefill: wall time against GPU kernel time, top kernels")
     profile.add_args(f)
     f.set_defaults(func=_needs_gpu(profile.run))
+    s = kinds.add_parser("serve", help="streams' inter-token gaps and short prompts' TTFT while a long prompt "
+                                       "arrives (any device)")
+    serve.add_args(s)
+    s.set_defaults(func=serve.run)
     startup.register(kinds)
     c = kinds.add_parser("cpu", help="CPU prefill TTFT, dense and PBS, vs HF transformers (no GPU needed)")
     cpu.add_args(c)
