@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import Callable
 
+from pbs_engine.engine.config import parse_size
 from pbs_engine.kernels import PBSConfig
 from pbs_engine.kernels.config import BLOCK_SCORES
 
@@ -19,6 +20,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--attention", choices=["pbs", "dense"], default="pbs", help="prefill attention (default: pbs)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
+    g.add_argument("--kv-cache-memory", type=_size, default=None, metavar="SIZE",
+                   help="KV cache size in bytes or with a unit (512MiB, 2GiB, 1.5GB); on CPU the cache (default "
+                        "2GiB), on CUDA a cap on the free memory it would fill")
+    g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+                   help="KV cache blocks (instead of --kv-cache-memory)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached K/V of prompt blocks shared with earlier requests (default: on)")
     g.add_argument("--pbs-threshold", type=float, default=None, help="PBS block-selection mass threshold")
@@ -34,6 +40,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(lse); docs/eval.md")
     g.add_argument("--pbs-query-reps", type=int, default=None,
                    help="PBS: pooled queries per query block; a key block is kept if any of them selects it")
+
+
+def _size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1 byte")
+    return size
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -61,7 +77,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
            if v is not None}
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
                 max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),
-                enable_prefix_caching=args.enable_prefix_caching)
+                enable_prefix_caching=args.enable_prefix_caching, kv_cache_memory=args.kv_cache_memory,
+                num_kv_blocks=args.num_kv_blocks)
 
 
 def run_command(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
