@@ -27,6 +27,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="a Jinja chat template (a file, or the template itself) instead of the model's")
     g.add_argument("--max-num-seqs", type=int, default=128,
                    help="requests decoded together in one batch (default: 128)")
+    g.add_argument("--kv-cache-memory", type=_size, default=None, metavar="SIZE",
+                   help="KV cache size in bytes or with a unit (512MiB, 2GiB, 1.5GB); on CPU the cache (default "
+                        "2GiB), on CUDA a cap on the free memory it would fill")
+    g.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+                   help="KV cache blocks (instead of --kv-cache-memory)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached K/V of prompt blocks shared with earlier requests (default: on)")
     g.add_argument("--pbs-threshold", type=float, default=None, help="PBS block-selection mass threshold")
@@ -42,6 +47,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(lse); docs/eval.md")
     g.add_argument("--pbs-query-reps", type=int, default=None,
                    help="PBS: pooled queries per query block; a key block is kept if any of them selects it")
+
+
+def _size(text: str) -> int:
+    from pbs_engine.engine.config import parse_size  # torch: only when the flag is given
+
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1 byte")
+    return size
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -77,7 +94,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 max_num_partial_prefills=args.max_num_partial_prefills,
                 long_prefill_token_threshold=args.long_prefill_token_threshold,
                 max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching,
-                chat_template=args.chat_template)
+                chat_template=args.chat_template, kv_cache_memory=args.kv_cache_memory,
+                num_kv_blocks=args.num_kv_blocks)
 
 
 def load_llm(args: argparse.Namespace, **overrides):

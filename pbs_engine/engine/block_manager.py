@@ -2,8 +2,12 @@
 
 Prefix caching (vLLM's scheme): every block filled with prompt tokens gets a hash of (previous block's hash, its
 token ids), so equal hashes mean equal prefixes. A block is shared by reference count; when the count drops to zero
-it joins the free queue but keeps its hash and contents, and a later request whose prompt starts with the same
-blocks reuses them instead of recomputing. Allocation takes the least recently freed block and forgets its hash.
+it keeps its hash and contents among the free blocks, and a later request whose prompt starts with the same
+blocks reuses them instead of recomputing.
+
+Allocation order keeps the touched part of the (lazily committed) cache small: first a free block holding no cached
+prefix, the most recently freed first (its memory is warm), then a never-used block, lowest first, and only then
+the cached block freed longest ago, whose hash is forgotten.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # refcount 0, oldest first
+        self.free_plain = list(range(num_blocks - 1, -1, -1))  # refcount 0, no cached prefix: a stack, next last
+        self.free_cached: OrderedDict[int, None] = OrderedDict()  # refcount 0, holding a cached prefix: oldest first
         self.hash_of: dict[int, int] = {}  # block -> hash of the prefix it completes
         self.cached: dict[int, int] = {}  # hash -> block
         self.hits = 0  # prompt tokens served from the cache
@@ -27,20 +32,23 @@ class BlockManager:
     @property
     def num_free(self) -> int:
         """Blocks no sequence holds (cached ones included: they are reclaimed on demand)."""
-        return len(self.free)
+        return len(self.free_plain) + len(self.free_cached)
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Blocks to add so that `num_tokens` tokens of `seq` fit in its table."""
         return max(0, (num_tokens + self.block_size - 1) // self.block_size - len(seq.block_table))
 
     def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_tokens) <= len(self.free)
+        return self.blocks_needed(seq, num_tokens) <= self.num_free
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Grow `seq`'s block table to hold `num_tokens` tokens."""
         for _ in range(self.blocks_needed(seq, num_tokens)):
-            block, _ = self.free.popitem(last=False)
-            self._forget(block)
+            if self.free_plain:
+                block = self.free_plain.pop()
+            else:
+                block, _ = self.free_cached.popitem(last=False)
+                self._forget(block)
             self.ref_count[block] = 1
             seq.block_table.append(block)
 
@@ -49,7 +57,10 @@ class BlockManager:
         for block in reversed(seq.block_table):  # the prefix's first blocks are evicted last
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0:
-                self.free[block] = None
+                if block in self.hash_of:
+                    self.free_cached[block] = None
+                else:
+                    self.free_plain.append(block)
         seq.block_table = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
@@ -69,7 +80,7 @@ class BlockManager:
             if block is None:
                 break
             if self.ref_count[block] == 0:
-                del self.free[block]
+                del self.free_cached[block]
             self.ref_count[block] += 1
             seq.block_table.append(block)
             seq.block_hashes.append(h)

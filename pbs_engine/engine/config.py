@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,21 @@ from pbs_engine.kernels import PBSConfig
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+CPU_KV_CACHE_MEMORY = 2 << 30  # the CPU cache's default size; its pages are committed as blocks are first used
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string: 1000000, 512MiB, 2GiB, 1.5GB (units case-insensitive, B optional)."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match and match.group(2).lower()
+    unit = unit + "b" if unit and unit[-1] != "b" else unit  # 2G, 512Mi
+    if not match or unit not in SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size: give bytes or a number with a unit (512MiB, 2GiB, 1.5GB)")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 @dataclass
@@ -21,10 +37,11 @@ class EngineConfig:
     attention: str = "pbs"  # prefill attention: "pbs" | "dense"
     pbs: PBSConfig = field(default_factory=PBSConfig)
     max_model_len: int | None = None  # None: the model's max_position_embeddings (shrunk to what the cache holds)
-    num_kv_blocks: int | None = None  # None: sized from free memory
+    num_kv_blocks: int | None = None  # None: sized from kv_cache_memory (CPU) or free GPU memory
     kv_block_size: int | None = None  # tokens per cache block; None: 256 on cuda, 16 on cpu
     gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_bytes: int = 4 << 30
+    kv_cache_memory: int | str | None = None  # KV cache bytes (or "2GiB"): on CPU its size (None: 2 GiB), on CUDA a
+    # cap on what gpu_memory_utilization leaves free (None: all of it)
     max_num_seqs: int = 128
     tensor_parallel_size: int = 1  # ranks the model's heads, MLP and vocabulary are split over (one process each)
     max_num_batched_tokens: int | None = None  # per-step token budget; None: 16384 on cuda, 4096 on cpu
@@ -77,6 +94,17 @@ class EngineConfig:
             raise ValueError(f"long_prefill_token_threshold={self.long_prefill_token_threshold} must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
+        if self.kv_cache_memory is not None:
+            try:
+                size = parse_size(self.kv_cache_memory)
+            except ValueError as e:
+                raise ValueError(f"kv_cache_memory: {e}") from None
+            if size < 1:
+                raise ValueError(f"kv_cache_memory={self.kv_cache_memory!r} must be at least 1 byte")
+            if self.num_kv_blocks is not None:
+                raise ValueError(f"num_kv_blocks={self.num_kv_blocks} and kv_cache_memory={self.kv_cache_memory!r}"
+                                 " both size the KV cache: give one")
+            self.kv_cache_memory = size
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 1")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from pbs_engine.engine.config import EngineConfig
+from pbs_engine.engine.config import CPU_KV_CACHE_MEMORY, EngineConfig
 from pbs_engine.engine.cuda_graphs import DecodeGraphs
 from pbs_engine.engine.sampler import Sampler, top_logprobs
 from pbs_engine.engine.scheduler import ScheduledBatch
@@ -80,12 +80,17 @@ class ModelRunner:
             if self.device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(self.device)
                 budget = free - (1 - conf.gpu_memory_utilization) * total
+                if conf.kv_cache_memory is not None:
+                    budget = min(budget, conf.kv_cache_memory)
             else:
-                budget = conf.cpu_kv_cache_bytes
+                budget = conf.kv_cache_memory or CPU_KV_CACHE_MEMORY
             num_blocks = int(budget // self.kv_bytes_per_block())
             needed = -(-conf.max_model_len // conf.kv_block_size)
             if self.device.type == "cpu":
                 num_blocks = min(num_blocks, needed * conf.max_num_seqs)
+            if num_blocks < 1:
+                raise ValueError(f"a KV cache of {int(budget)} bytes holds no block of {self.kv_bytes_per_block()} "
+                                 f"bytes ({conf.kv_block_size} tokens); raise kv_cache_memory")
             if self.tp.size > 1:  # every rank holds the same blocks: as many as the fullest device allows
                 num_blocks = int(self.tp.all_min(torch.tensor([num_blocks], device=self.device)).item())
         capacity = num_blocks * conf.kv_block_size
@@ -93,7 +98,8 @@ class ModelRunner:
             if not self.max_model_len_from_model:
                 raise ValueError(
                     f"KV cache of {num_blocks} blocks x {conf.kv_block_size} tokens cannot hold max_model_len="
-                    f"{conf.max_model_len}; lower max_model_len or give the cache more memory")
+                    f"{conf.max_model_len}; lower max_model_len or give the cache more memory (kv_cache_memory or "
+                    "num_kv_blocks)")
             logger.warning("max_model_len lowered from %d to %d, what the KV cache holds", conf.max_model_len, capacity)
             conf.max_model_len = capacity
         attn = self.model.attention_layers()[0]
