@@ -15,7 +15,7 @@ from pbs_engine.kernels.fused import rms_norm_triton, silu_and_mul_triton
 from pbs_engine.kernels.importance import key_importance_ref, key_importance_triton
 from pbs_engine.kernels.paged_decode import paged_decode_triton
 from pbs_engine.kernels.pbs_prefill import pbs_attention_triton, pbs_prefill_triton
-from pbs_engine.kernels.pbs_select import pbs_select
+from pbs_engine.kernels.selection import pbs_select
 from pbs_engine.kernels.rope import apply_rope_triton, build_cos_sin_cache, rope_inv_freq
 
 HEADS = (28, 4, 128)  # Qwen2.5-7B: query heads, KV heads, head dim

@@ -76,18 +76,18 @@ def pbs_rows(lengths: list[int], budgets: list[float], captured: str | None) -> 
         dense_ms = gpu_ms(lambda: flash_prefill(q, k, v, cu, cu))
         configs = [(f"budget {b:.2f}", PBSConfig(budget=b)) for b in budgets]
         configs.append(("threshold 0.9", PBSConfig(threshold=0.9)))
-        reps = PBSConfig().query_reps  # the default selection permuted, not, shared; one pooled query (paper's)
-        variants = ((True, False, reps), (False, False, reps), (False, True, reps), (False, False, 1))
+        reps = PBSConfig().query_reps  # the default selection permuted and not; one pooled query (paper's)
+        variants = ((True, reps), (False, reps), (False, 1))
         for label, cfg in configs:
-            for permute, shared, r in variants:
-                c = replace(cfg, permute=permute, shared_selection=shared, query_reps=r)
+            for permute, r in variants:
+                c = replace(cfg, permute=permute, query_reps=r)
                 sel = pbs_select(q, k, v, c, d ** -0.5)
                 density = (sel.kept.sum() / sel.visible.sum()).item()
                 total = gpu_ms(lambda: pbs_prefill(q, k, v, c))
                 select = gpu_ms(lambda: pbs_select(q, k, v, c, d ** -0.5))
                 attend = gpu_ms(lambda: pbs_attention_triton(q, sel, c, d ** -0.5))
                 row = {"source": source, "tokens": n, "heads": f"{hq}/{hkv}", "config": label,
-                       "permute": permute, "shared": shared, "query_reps": r, "density": density, "pbs_ms": total,
+                       "permute": permute, "query_reps": r, "density": density, "pbs_ms": total,
                        "select_ms": select, "attend_ms": attend, "dense_ms": dense_ms,
                        "pbs_over_dense": total / dense_ms, "target": density + 0.05}
                 if permute and source == "random":
@@ -111,9 +111,9 @@ def _flex_sparsegpu_ms(flex, BlockMask, q, k, v, sel, cfg) -> float:
     qt[0, :, :n] = q.transpose(0, 1)
     nqb = sel.block_count.shape[1]
     counts = torch.zeros(1, hq, npad // cfg.block_size, dtype=torch.int32, device="cuda")
-    counts[0, :, :nqb] = sel.block_count.repeat_interleave(sel.list_group, 0)
+    counts[0, :, :nqb] = sel.block_count
     idx = torch.zeros(1, hq, npad // cfg.block_size, npad // cfg.block_size, dtype=torch.int32, device="cuda")
-    idx[0, :, :nqb, : sel.block_idx.shape[2]] = sel.block_idx.repeat_interleave(sel.list_group, 0)
+    idx[0, :, :nqb, : sel.block_idx.shape[2]] = sel.block_idx
 
     def mask_mod(b, h, qi, ki):
         return pos[h, ki] <= qi + sel.q_offset

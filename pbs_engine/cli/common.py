@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
+import typing
 from typing import Callable
+
+from pbs_engine.kernels.config import BLOCK_SCORES, HELP, PBSConfig  # torch-free: --help stays fast
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,19 +38,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache blocks (instead of --kv-cache-memory)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached K/V of prompt blocks shared with earlier requests (default: on)")
-    g.add_argument("--pbs-threshold", type=float, default=None, help="PBS block-selection mass threshold")
-    g.add_argument("--pbs-block-size", type=int, default=None, help="PBS block size in tokens")
-    g.add_argument("--pbs-segment-size", type=int, default=None, help="PBS permutation segment size in tokens")
-    g.add_argument("--pbs-permute", action=argparse.BooleanOptionalAction, default=None,
-                   help="PBS: permute keys inside segments before block selection (default: off, docs/eval.md)")
-    g.add_argument("--pbs-local-segments", type=int, default=None,
-                   help="PBS: also always keep this many segments before the diagonal one (recent window)")
-    g.add_argument("--pbs-dense-layers", type=int, default=None, help="PBS: the first N layers attend densely")
-    g.add_argument("--pbs-block-score", default=None,
-                   help="PBS block score: mean-pooled keys (mean) or the pooled query's attention mass per block "
-                        "(lse); docs/eval.md")
-    g.add_argument("--pbs-query-reps", type=int, default=None,
-                   help="PBS: pooled queries per query block; a key block is kept if any of them selects it")
+    add_pbs_args(g)
+
+
+def add_pbs_args(g: argparse._ArgumentGroup) -> None:
+    """One --pbs-X flag per PBSConfig field (bools: --pbs-X / --no-pbs-X), default None: PBSConfig's default."""
+    hints = typing.get_type_hints(PBSConfig)
+    for f in dataclasses.fields(PBSConfig):
+        kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+        extra = dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)
+        if f.name == "block_score":
+            extra["choices"] = BLOCK_SCORES
+        default = "off" if f.default is False else "on" if f.default is True else f.default
+        g.add_argument(f"--pbs-{f.name.replace('_', '-')}", dest=f"pbs_{f.name}", default=None,
+                       help=f"PBS: {HELP[f.name]} (default: {default})", **extra)
+
+
+def pbs_config(args: argparse.Namespace) -> PBSConfig:
+    """The PBSConfig of the --pbs-* flags given, PBSConfig's defaults for the rest."""
+    return PBSConfig(**{f.name: getattr(args, f"pbs_{f.name}") for f in dataclasses.fields(PBSConfig)
+                        if getattr(args, f"pbs_{f.name}", None) is not None})
 
 
 def _size(text: str) -> int:
@@ -81,15 +92,8 @@ def sampling_params(args: argparse.Namespace):
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
-    from pbs_engine.kernels import PBSConfig  # torch: imported when a command runs, not for --help
-
-    pbs = {k: v for k, v in (("threshold", args.pbs_threshold), ("block_size", args.pbs_block_size),
-                             ("segment_size", args.pbs_segment_size), ("local_segments", args.pbs_local_segments),
-                             ("dense_layers", args.pbs_dense_layers), ("permute", args.pbs_permute),
-                             ("block_score", args.pbs_block_score), ("query_reps", args.pbs_query_reps))
-           if v is not None}
     return dict(model=args.model, device=args.device, dtype=args.dtype, attention=args.attention,
-                max_model_len=args.max_model_len, pbs=PBSConfig(**pbs),
+                max_model_len=args.max_model_len, pbs=pbs_config(args),
                 tensor_parallel_size=args.tensor_parallel_size,
                 max_num_partial_prefills=args.max_num_partial_prefills,
                 long_prefill_token_threshold=args.long_prefill_token_threshold,

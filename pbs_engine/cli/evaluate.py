@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--thresholds", type=_floats, default=[0.8, 0.9], help="extra PBS thresholds to sweep")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FIELD:VALUE,...",
                    help="an extra PBS method: the configured PBS with these PBSConfig fields changed, e.g. "
-                        "local1=local_segments:1,threshold:0.9 (repeatable)")
+                        "t9=threshold:0.9,query_reps:1 (repeatable)")
     p.add_argument("--needle-lengths", type=_ints, default=None, help="needle context lengths (default: --lengths)")
     p.add_argument("--needle-seeds", type=int, default=2, help="needle prompts per (length, depth, keys)")
     p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depths (0 = start)")

@@ -56,9 +56,6 @@ def lm_fidelity(model, ids: list[int], methods: dict, last: int = 1024) -> list[
         by_layer = defaultdict(list)
         for layer, _, s in stats:
             by_layer[layer].append(s.density)
-        if attention == "pbs":  # layers that ran dense (PBSConfig.dense_layers) count as density 1
-            for attn in model.attention_layers():
-                by_layer.setdefault(attn.layer_idx, [1.0])
         rows.append({
             "method": name, "tokens": n,
             "nll": -lp.gather(1, targets[:, None]).mean().item(),

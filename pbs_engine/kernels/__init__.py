@@ -1,16 +1,48 @@
 """Attention and layer kernels. Each public function runs its Triton kernel on CUDA tensors and its PyTorch
 reference (`*_ref`, same signature, the specification) otherwise, except prefill attention, whose CPU path is
 torch's SDPA (dense) or a blocked torch computation (PBS), tested against the references; `*_triton` in each module
-forces the kernel (the tests run those on CPU under TRITON_INTERPRET=1). docs/kernels.md lists them."""
-from pbs_engine.kernels.config import PBSConfig
-from pbs_engine.kernels.flash_prefill import flash_prefill, flash_prefill_ref
-from pbs_engine.kernels.fused import rms_norm, rms_norm_ref, silu_and_mul, silu_and_mul_ref
-from pbs_engine.kernels.paged_decode import paged_decode, paged_decode_ref
-from pbs_engine.kernels.pbs_prefill import pbs_prefill, pbs_prefill_ref
-from pbs_engine.kernels.pbs_select import PBSSelection, PBSStats, pbs_select
-from pbs_engine.kernels.rope import apply_rope, apply_rope_ref, build_cos_sin_cache, rope_inv_freq
+forces the kernel (the tests run those on CPU under TRITON_INTERPRET=1). docs/kernels.md lists them.
 
-__all__ = ["PBSConfig", "PBSSelection", "PBSStats", "apply_rope", "apply_rope_ref", "build_cos_sin_cache",
-           "flash_prefill", "flash_prefill_ref", "paged_decode", "paged_decode_ref", "pbs_prefill",
-           "pbs_prefill_ref", "pbs_select", "rms_norm", "rms_norm_ref", "rope_inv_freq", "silu_and_mul",
-           "silu_and_mul_ref"]
+The names load lazily, so `pbs_engine.kernels.config` (PBSConfig) imports without torch: the CLI builds its
+--pbs-* flags from it."""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+_MODULES = {
+    "PBSConfig": "config",
+    "flash_prefill": "flash_prefill", "flash_prefill_ref": "flash_prefill",
+    "rms_norm": "fused", "rms_norm_ref": "fused", "silu_and_mul": "fused", "silu_and_mul_ref": "fused",
+    "paged_decode": "paged_decode", "paged_decode_ref": "paged_decode",
+    "pbs_prefill": "pbs_prefill", "pbs_prefill_ref": "pbs_prefill",
+    "PBSSelection": "selection", "PBSStats": "selection", "pbs_select": "selection",
+    "apply_rope": "rope", "apply_rope_ref": "rope", "build_cos_sin_cache": "rope", "rope_inv_freq": "rope",
+}
+
+__all__ = sorted(_MODULES)
+
+
+class _Package(types.ModuleType):
+    """Keeps an exported function (`pbs_prefill`) from being replaced by its same-named module, which the import
+    system binds on the package when that module is first imported."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if not (name in _MODULES and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MODULES))

@@ -6,25 +6,30 @@ from dataclasses import dataclass, replace
 BLOCK_SCORES = ("mean", "lse")
 
 
+# one line per field for the CLI's --pbs-* flags (pbs_engine/cli/common.py generates them from the fields)
+HELP = {
+    "block_size": "tokens per query block and per key block",
+    "segment_size": "keys are permuted inside segments of this many tokens (a multiple of block size)",
+    "threshold": "keep the fewest key blocks whose share of the block-score mass reaches this",
+    "permute": "sort keys inside segments by the last query block's attention before selecting (docs/eval.md)",
+    "budget": "fixed density instead of the threshold: keep this fraction of the visible key blocks",
+    "dense_last_blocks": "the last this many query blocks of each prefill call attend to every key block",
+    "block_score": "score a block by mean-pooled keys (mean) or by the pooled query's attention mass in it (lse)",
+    "query_reps": "pooled queries per query block; a key block is kept if any of them selects it",
+}
+
+
 @dataclass(frozen=True)
 class PBSConfig:
     block_size: int = 128  # tokens per query block and per key block
     segment_size: int = 256  # keys are permuted inside segments of this many tokens (a multiple of block_size)
     threshold: float = 0.7  # keep the fewest key blocks whose share of the block-score mass outside the diagonal
     # segment reaches this (the paper's rule: the diagonal segment is always kept and takes no part in the softmax)
-    permute: bool = False  # sort keys inside segments by the last query block's attention (the paper's permutation);
+    permute: bool = False  # sort keys inside segments by the last query block's attention (the paper's permutation;
+    # one per KV head, from its query heads' pooled attention);
     # off by default: on Qwen2.5-Coder-0.5B at 32K it raised NLL (+0.65% vs -1.15%, density 0.172 vs 0.193,
     # docs/eval.md): the sorted blocks lose the local coherence that makes a pooled block a good summary
-    shared_permutation: bool = True  # with GQA, one permutation per KV head from its query heads' pooled attention;
-    # False: one per query head over repeated K/V (the paper's code; group x the K/V copies while selecting)
-    shared_selection: bool = False  # with GQA, one list of key blocks per KV head, chosen by its query heads' mean
-    # block mass: the group's heads attend to the same blocks, so each K/V tile is fetched once for the group
-    # (through L2) instead of once per head (as DeepSeek's NSA does). Per-query-head permutations select per head.
     budget: float | None = None  # fixed density: keep this fraction of the visible key blocks (forced ones count)
-    min_blocks: int | None = None  # budget mode: at least / at most this many selected (non-forced) key blocks
-    max_blocks: int | None = None  # per query block, whatever the threshold or budget asks for
-    local_segments: int = 0  # also always keep this many whole segments just before the diagonal one (a recent window)
-    dense_layers: int = 0  # the first layers attend densely (the engine's attention layers read this)
     dense_last_blocks: int = 1  # the last this many query blocks of each prefill call attend to every key block:
     # in the prompt's final chunk they hold the position that predicts the first output token (decoding after it
     # is dense), so a retrieval's answer starts from exact attention; one block costs 1 / (query blocks) of dense
@@ -46,11 +51,6 @@ class PBSConfig:
              "must be a multiple of block_size"),
             (0 < self.threshold <= 1, "threshold", "must be in (0, 1]"),
             (self.budget is None or 0 < self.budget <= 1, "budget", "must be in (0, 1]"),
-            (self.min_blocks is None or self.min_blocks >= 0, "min_blocks", "must be >= 0"),
-            (self.max_blocks is None or self.max_blocks >= (self.min_blocks or 0), "max_blocks",
-             "must be >= min_blocks"),
-            (self.local_segments >= 0, "local_segments", "must be >= 0"),
-            (self.dense_layers >= 0, "dense_layers", "must be >= 0"),
             (self.dense_last_blocks >= 0, "dense_last_blocks", "must be >= 0"),
             (self.query_reps >= 1 and self.block_size % self.query_reps == 0, "query_reps",
              "must be >= 1 and divide block_size"),

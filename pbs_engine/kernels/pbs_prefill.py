@@ -1,4 +1,4 @@
-"""PBS-Attn prefill: select blocks (pbs_select.py), then FlashAttention over only the kept key blocks of the
+"""PBS-Attn prefill: select blocks (selection.py), then FlashAttention over only the kept key blocks of the
 permuted K/V, the causal mask applied through the keys' original positions inside the diagonal segment.
 
 Layouts: q (N, Hq, D); k, v (N_kv, Hkv, D), N_kv >= N, the first N_kv - N keys a fully visible cached prefix
@@ -17,7 +17,7 @@ import triton.language as tl
 from pbs_engine.kernels.config import PBSConfig
 from pbs_engine.kernels.dispatch import use_triton
 from pbs_engine.kernels.flash_prefill import online_step
-from pbs_engine.kernels.pbs_select import PBSSelection, PBSStats, pbs_select, per_head_kv
+from pbs_engine.kernels.selection import PBSSelection, PBSStats, block_geometry, pbs_select
 
 
 def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
@@ -27,15 +27,15 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
     segment), attend densely under the block mask."""
     cfg, (n, hq, d), (n_kv, hkv, _) = config, q.shape, k.shape
     scale = sm_scale if sm_scale is not None else d ** -0.5
-    k, v = per_head_kv(q, k, v, cfg)
-    hkv = k.shape[1]
     bs, seg, group = cfg.block_size, cfg.segment_size, hq // hkv
     q_pos = torch.arange(n) + n_kv - n
     causal = torch.arange(n_kv)[None, :] <= q_pos[:, None]  # (N, N_kv) in original positions
     nqb, nkb = -(-n // bs), -(-n_kv // bs)
+    geo = block_geometry(cfg, n, n_kv)
     out, kept, visible_pairs = torch.empty_like(q), torch.zeros(hq, dtype=torch.long), 0
     for g in range(hkv):
         qg, kg, vg = q[:, g * group:(g + 1) * group].float().cpu(), k[:, g].float().cpu(), v[:, g].float().cpu()
+        # PBS: 1. Permutation (one per KV head, by its query heads' mean attention from the last query block)
         order = torch.arange(n_kv)
         if cfg.permute:
             last = slice(max(0, n - bs), n)
@@ -48,40 +48,29 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
         allowed = torch.zeros(group, n, n_kv, dtype=torch.bool)
         for m in range(nqb):
             rows = slice(m * bs, min(n, (m + 1) * bs))
-            first, last_q = q_pos[rows][0].item(), q_pos[rows][-1].item()
-            earliest = [(j * bs // seg * seg if cfg.permute else j * bs) for j in range(nkb)]
-            vis = [j for j in range(nkb) if earliest[j] <= last_q]
-            diag_start = first // seg * seg
-            off_diag = [j for j in vis if j * bs // seg * seg < diag_start]
-            window = diag_start - cfg.local_segments * seg
-            tail = m >= nqb - cfg.dense_last_blocks  # a last query block: every visible block
-            forced = [j for j in vis if tail or j == 0 or j * bs // seg * seg >= window]
-            if cfg.block_score == "lse":  # nor do the other kept blocks: the sink's mass would use up the threshold
-                off_diag = [j for j in off_diag if j not in forced]
+            vis = geo.visible[m].nonzero().flatten().tolist()
+            forced = geo.forced[m].nonzero().flatten().tolist()
+            # the diagonal segment takes no part in the softmax; with "lse" nor do the other forced blocks: the
+            # sink's mass would use up the threshold
+            soft = [j for j in vis if not (geo.forced if cfg.block_score == "lse" else geo.diag)[m, j]]
+            # PBS: 2. Block scoring
             sub = bs // cfg.query_reps  # pooled queries: the means of the block's groups of `sub` queries
             pooled = [range(r0, min(rows.stop, r0 + sub)) for r0 in range(rows.start, rows.stop, sub)]
-            masses = []  # masses[hg][r]: block -> probability, for query head hg and pooled query r
             for hg in range(group):
-                masses.append([])
+                per_pool = []  # per pooled query: block -> probability
                 for pool in pooled:
                     mass = dict.fromkeys(vis, 0.0)
-                    if off_diag:  # the diagonal segment takes no part in the softmax
+                    if soft:
                         qmean = qg[pool.start:pool.stop, hg].mean(0)
                         if cfg.block_score == "lse":  # the mean query's attention mass per block
-                            blocks = [(qmean @ kp[j * bs:(j + 1) * bs].T * scale).logsumexp(0) for j in off_diag]
+                            blocks = [(qmean @ kp[j * bs:(j + 1) * bs].T * scale).logsumexp(0) for j in soft]
                             p = torch.stack(blocks).softmax(-1)
                         else:
-                            p = (qmean @ k_means[off_diag].T * scale).softmax(-1)
-                        mass.update(zip(off_diag, p.tolist()))
-                    masses[hg].append(mass)
-            if cfg.shared_selection and group > 1:  # one choice for the group, by its heads' mean mass
-                means = [{j: sum(masses[hg][r][j] for hg in range(group)) / group for j in vis}
-                         for r in range(len(pooled))]
-                masses = [means] * group
-            by_max = cfg.budget is not None or cfg.threshold >= 1.0
-            for hg in range(group):
-                per_pool = masses[hg]
-                if by_max:  # one choice by each block's largest probability over the pooled queries
+                            p = (qmean @ k_means[soft].T * scale).softmax(-1)
+                        mass.update(zip(soft, p.tolist()))
+                    per_pool.append(mass)
+                # PBS: 3. Selection
+                if cfg.budget is not None or cfg.threshold >= 1.0:  # one choice by each block's largest probability
                     per_pool = [{j: max(mass[j] for mass in per_pool) for j in vis}]
                 chosen: set[int] = set()  # the union of the pooled queries' choices
                 for mass in per_pool:
@@ -94,15 +83,12 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
                         total, n_sel = sum(mass[j] for j in forced), 0
                         while n_sel < len(cands) and total < cfg.threshold:
                             total, n_sel = total + mass[cands[n_sel]], n_sel + 1
-                    n_sel = max(int(n_sel), cfg.min_blocks or 0)
-                    n_sel = min(n_sel, len(cands), cfg.max_blocks if cfg.max_blocks is not None else n_sel)
-                    chosen.update(cands[:n_sel])
-                if cfg.max_blocks is not None and len(chosen) > cfg.max_blocks:  # the union's most probable
-                    chosen = set(sorted(chosen, key=lambda j: -max(mass[j] for mass in per_pool))[:cfg.max_blocks])
+                    chosen.update(cands[:max(n_sel, 0)])
                 for j in forced + sorted(chosen):
                     allowed[hg, rows, order[j * bs:(j + 1) * bs]] = True
                 kept[g * group + hg] += len(forced) + len(chosen)
             visible_pairs += len(vis) if g == 0 else 0
+        # PBS: 4. Sparse attention (dense attention under the block mask)
         for hg in range(group):
             scores = (qg[:, hg] @ kg.T * scale).masked_fill(~(allowed[hg] & causal), float("-inf"))
             out[:, g * group + hg] = (scores.softmax(-1) @ vg).to(q.dtype)
@@ -140,8 +126,8 @@ def _tile_row(listed, cur, t, count, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
 def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offset, npad,
                           s_qt, s_qh, s_kh, s_kt, s_vh, s_vt, s_ph, s_ih, s_im, s_ch, s_ot, s_oh,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                          TMA: tl.constexpr, PREFETCH: tl.constexpr, LIST_GROUP: tl.constexpr):
-    # Program (query head h, query block m counted from the end so the longest lists start first): online softmax
+                          TMA: tl.constexpr, PREFETCH: tl.constexpr):
+    # PBS: 4. Sparse attention. Program (query head h, query block m counted from the end so the longest lists start first): online softmax
     # over the CNT[h, m] key blocks listed in IDX[h, m] (ascending), each walked in BLOCK_N-row tiles of the
     # permuted K/V (Hkv, Npad, D) of KV head h // GROUP. Blocks before the diagonal segment are wholly visible; the
     # last DIAG[m] listed blocks are masked by original position: key j visible to query i iff POS[j] <= q_pos(i).
@@ -158,10 +144,10 @@ def _pbs_attention_kernel(Q, K, V, POS, IDX, CNT, DIAG, O, sm_scale, n_q, q_offs
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    count = tl.load(CNT + h // LIST_GROUP * s_ch + m)
+    count = tl.load(CNT + h * s_ch + m)
     n_full = count - tl.load(DIAG + m)
     SUB: tl.constexpr = BLOCK // BLOCK_N
-    listed = IDX + h // LIST_GROUP * s_ih + m * s_im
+    listed = IDX + h * s_ih + m * s_im
     cur = tl.load(listed).to(tl.int64)  # the first tile's block (see _tile_row)
     for t in range(0, n_full * SUB):
         row0, cur = _tile_row(listed, cur, t, count, BLOCK, BLOCK_N, PREFETCH)
@@ -217,14 +203,14 @@ def pbs_attention_triton(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, sca
         sel.key_pos.stride(0), sel.block_idx.stride(0), sel.block_idx.stride(1), sel.block_count.stride(0),
         out.stride(0), out.stride(1),
         GROUP=hq // keys.shape[0], HEAD_DIM=d, BLOCK=cfg.block_size, BLOCK_N=block_n, TMA=tma,
-        PREFETCH=prefetch, LIST_GROUP=sel.list_group, num_warps=warps, num_stages=stages)
+        PREFETCH=prefetch, num_warps=warps, num_stages=stages)
     return out
 
 
 def pbs_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSConfig,
                        sm_scale: float | None = None) -> tuple[torch.Tensor, PBSStats]:
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    sel = pbs_select(q, k, v, config, scale)
+    sel = pbs_select(q, k, v, config, scale)  # PBS: 1. Permutation, 2. Block scoring, 3. Selection
     return pbs_attention_triton(q, sel, config, scale), PBSStats(kept=sel.kept, visible=sel.visible)
 
 
@@ -267,15 +253,15 @@ def pbs_attention_torch(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, scal
     log-sum-exps."""
     n, hq, d = q.shape
     hk, npad, _ = sel.keys.shape
-    bs, lg = cfg.block_size, sel.list_group
+    bs = cfg.block_size
     nkb, nqb, dev = npad // bs, sel.block_count.shape[1], q.device
     if n < nqb * bs:  # whole query blocks: the rows past n are dropped at the end
         q = torch.cat([q, q.new_zeros(nqb * bs - n, hq, d)])
     qb = q.view(nqb, bs, hq, d).transpose(1, 2)
     out, lse = (x.transpose(0, 1).reshape(hq * nqb, bs, -1) for x in _diagonal_attention(qb, sel, bs, scale))
     q_pairs = qb.transpose(0, 1).reshape(hq * nqb, 1, bs, d)  # pair p = (query head p // nqb, block p % nqb)
-    others = (sel.block_count - sel.diag_count).repeat_interleave(lg, 0).flatten()
-    lists = sel.block_idx.repeat_interleave(lg, 0).flatten(0, 1).long()
+    others = (sel.block_count - sel.diag_count).flatten()
+    lists = sel.block_idx.flatten(0, 1).long()
     first = (torch.arange(hq, device=dev) // (hq // hk) * nkb).repeat_interleave(nqb)[:, None]
     keys, values = sel.keys.view(hk * nkb, bs * d), sel.values.view(hk * nkb, bs * d)
     order = others.argsort(stable=True)
@@ -300,6 +286,7 @@ def pbs_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSCo
     Triton on CUDA; elsewhere the same batched selection with the attention in torch (`pbs_prefill_ref`, the
     loop-by-loop specification, is for tests: it is far too slow to serve from)."""
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    sel = pbs_select(q, k, v, config, scale)
+    sel = pbs_select(q, k, v, config, scale)  # PBS: 1. Permutation, 2. Block scoring, 3. Selection
+    # PBS: 4. Sparse attention
     attend = pbs_attention_triton if use_triton(q) else pbs_attention_torch
     return attend(q, sel, config, scale), PBSStats(kept=sel.kept, visible=sel.visible)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pbs_engine.kernels import PBSConfig, flash_prefill_ref, pbs_prefill, pbs_prefill_ref, pbs_select
+from pbs_engine.kernels.selection import block_geometry
 from pbs_engine.kernels.pbs_prefill import pbs_prefill_triton
 
 SHAPES = [(7, 1, 64), (8, 2, 128)]  # (query heads, KV heads, head_dim): GQA 7:1 and 4:1
@@ -26,19 +27,13 @@ def dense(q, k, v):
 CONFIGS = {
     "threshold": PBSConfig(threshold=0.6, **SMALL, permute=True),
     "budget-nopermute": PBSConfig(budget=0.3, permute=False, **SMALL),
-    "min-max-blocks": PBSConfig(threshold=0.5, min_blocks=1, max_blocks=2, block_size=16, segment_size=64,
-                                permute=True),
-    "local-window": PBSConfig(threshold=0.5, local_segments=1, dense_last_blocks=0, **SMALL, permute=True),
-    "per-head-permutation": PBSConfig(threshold=0.6, shared_permutation=False, **SMALL, permute=True),
+    "no-dense-last": PBSConfig(threshold=0.5, dense_last_blocks=0, **SMALL, permute=True),
     "lse": PBSConfig(threshold=0.6, block_score="lse", **SMALL),
     "lse-permute": PBSConfig(threshold=0.6, block_score="lse", **SMALL, permute=True),
-    "shared-selection": PBSConfig(threshold=0.6, shared_selection=True, block_score="lse", **SMALL),
-    "shared-budget": PBSConfig(budget=0.3, shared_selection=True, **SMALL, permute=True),
+    "budget-permute": PBSConfig(budget=0.3, **SMALL, permute=True),
     "query-reps": PBSConfig(threshold=0.6, **{**SMALL, "query_reps": 4}),
-    "query-reps-mean-shared": PBSConfig(threshold=0.6, block_score="mean", shared_selection=True,
-                                        **{**SMALL, "query_reps": 2}, permute=True),
+    "query-reps-mean": PBSConfig(threshold=0.6, block_score="mean", **{**SMALL, "query_reps": 2}, permute=True),
     "query-reps-budget": PBSConfig(budget=0.3, **{**SMALL, "query_reps": 4}),
-    "query-reps-max-blocks": PBSConfig(threshold=0.7, max_blocks=2, **{**SMALL, "query_reps": 4}),
 }
 
 
@@ -66,21 +61,18 @@ def test_threshold_one_equals_dense_causal_attention(n, n_kv, permute):
 
 def test_first_block_and_diagonal_segment_survive_any_budget():
     q, k, v = rand(128, 2, 64, seed=14), rand(128, 1, 64, seed=15), rand(128, 1, 64, seed=16)
-    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, dense_last_blocks=0, **SMALL, permute=True), 0.125)
+    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, dense_last_blocks=0, **SMALL, permute=True), 0.125)
     for m in range(128 // 16):
         kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
         assert kept == {0} | set(range(m * 16 // 32 * 2, m * 16 // 32 * 2 + 2))
 
 
-def test_local_segments_keep_a_recent_window():
-    q, k, v = rand(160, 2, 64, seed=14), rand(160, 1, 64, seed=15), rand(160, 1, 64, seed=16)
-    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, max_blocks=0, local_segments=2, dense_last_blocks=0, **SMALL,
-                                              permute=True), 0.125)
-    for m in range(160 // 16):
-        kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
-        diag_seg = m * 16 // 32
-        assert kept == {0} | set(range(max(0, diag_seg - 2) * 2, diag_seg * 2 + 2))
-        assert int(sel.diag_count[m]) == 2  # only the diagonal segment needs the causal mask
+def test_block_geometry_nests_diagonal_in_forced_in_visible():
+    """Forced blocks: the first, the diagonal segment and (last query block) every visible one; all visible."""
+    geo = block_geometry(PBSConfig(**SMALL, permute=True), 128, 128)
+    assert bool((geo.diag <= geo.forced).all() and (geo.forced <= geo.visible).all())
+    assert geo.forced[:, 0].all() and torch.equal(geo.forced[-1], geo.visible[-1])
+    assert geo.diag.sum(-1).tolist() == [2] * geo.diag.shape[0]  # one whole segment of two blocks per query block
 
 
 @pytest.mark.parametrize("last", [1, 3])
@@ -88,7 +80,7 @@ def test_dense_last_blocks_attend_to_every_key_block(last):
     """The last `dense_last_blocks` query blocks keep every visible key block (they predict the first output token);
     the others keep only the forced blocks under a zero budget, and the output equals the reference."""
     q, k, v = rand(100, 4, 64, seed=32), rand(133, 2, 64, seed=33), rand(133, 2, 64, seed=34)
-    cfg = PBSConfig(budget=0.01, max_blocks=0, dense_last_blocks=last, **SMALL)
+    cfg = PBSConfig(budget=0.01, dense_last_blocks=last, **SMALL)
     sel = pbs_select(q, k, v, cfg, 0.125)
     nqb, prefix = -(-100 // 16), 33
     for m in range(nqb):
@@ -99,15 +91,6 @@ def test_dense_last_blocks_attend_to_every_key_block(last):
     for out, stats in (pbs_prefill(q, k, v, cfg), pbs_prefill_triton(q, k, v, cfg)):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         assert stats.kept.tolist() == ref_stats.kept.tolist()
-
-
-@pytest.mark.parametrize("reps", [1, 4])  # with 4 pooled queries the cap holds for the union of their choices
-def test_max_blocks_caps_the_selected_blocks(reps):
-    q, k, v = rand(256, 2, 64, seed=17), rand(256, 1, 64, seed=18), rand(256, 1, 64, seed=19)
-    cfg = PBSConfig(threshold=0.99, max_blocks=3, dense_last_blocks=0, **{**SMALL, "query_reps": reps}, permute=True)
-    sel = pbs_select(q, k, v, cfg, 0.125)
-    forced = 1 + 2  # first block and the two blocks of the diagonal segment
-    assert int(sel.block_count.max()) <= forced + 3
 
 
 def test_permutation_lowers_density_on_scattered_heavy_keys():
@@ -175,11 +158,10 @@ def test_query_reps_keep_the_block_a_few_queries_look_for():
 
 @pytest.mark.parametrize("field, kwargs", [("segment_size", dict(block_size=128, segment_size=192)),
                                            ("threshold", dict(threshold=0)), ("block_size", dict(block_size=24)),
-                                           ("budget", dict(budget=1.5)), ("min_blocks", dict(min_blocks=-1)),
+                                           ("budget", dict(budget=1.5)),
                                            ("block_score", dict(block_score="max")),
                                            ("query_reps", dict(query_reps=3)), ("query_reps", dict(query_reps=0)),
-                                           ("dense_last_blocks", dict(dense_last_blocks=-1)),
-                                           ("max_blocks", dict(min_blocks=4, max_blocks=2))])
+                                           ("dense_last_blocks", dict(dense_last_blocks=-1))])
 def test_bad_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=f"PBSConfig.{field}"):
         PBSConfig(**kwargs)
@@ -222,11 +204,11 @@ def test_sdpa_lse_returns_attention_and_its_log_sum_exp():
 
 # the interpreter runs one program per (head, query block): a few configs also with a cached prefix
 @pytest.mark.parametrize("name, n, n_kv", [(name, 200, 260) for name in (*CONFIGS, "all")]
-                         + [(name, 70, 133) for name in ("threshold", "lse", "lse-permute", "shared-selection",
+                         + [(name, 70, 133) for name in ("threshold", "lse", "lse-permute", "budget-permute",
                                                          "query-reps")])
 def test_fused_choice_kernel_matches_torch(monkeypatch, name, n, n_kv):
     """The fused softmax/sort/cut/compaction kernel (interpreter) picks exactly the blocks the torch path does."""
-    ps = importlib.import_module("pbs_engine.kernels.pbs_select")  # the package's `pbs_select` is the function
+    ps = importlib.import_module("pbs_engine.kernels.selection")
     cfg = PBSConfig(threshold=1.0, **SMALL, permute=True) if name == "all" else CONFIGS[name]
     q, k, v = rand(n, 8, 64, seed=22), rand(n_kv, 2, 64, seed=23), rand(n_kv, 2, 64, seed=24)
     ref = pbs_select(q, k, v, cfg, 0.125)

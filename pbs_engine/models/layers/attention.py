@@ -71,7 +71,7 @@ class Attention(nn.Module):
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if meta.has_prefix:
             k, v = self._gather_context(meta)
-        if meta.prefill_method == "pbs" and self.layer_idx >= meta.pbs.dense_layers:
+        if meta.prefill_method == "pbs":
             return self._pbs(q, k, v, meta)
         return flash_prefill(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, sm_scale=self.scale)
 
