@@ -10,7 +10,6 @@ import bisect
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -43,7 +42,7 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
             importance = probs.softmax(-1).mean((0, 1))
             for s0 in range(0, n_kv, seg):
                 order[s0:s0 + seg] = s0 + importance[s0:s0 + seg].argsort(descending=True, stable=True)
-        kp, vp = kg[order], vg[order]
+        kp = kg[order]  # the permuted keys; values need no permuting (attention below is by original position)
         k_means = torch.stack([kp[j * bs:(j + 1) * bs].mean(0) for j in range(nkb)])
         allowed = torch.zeros(group, n, n_kv, dtype=torch.bool)
         for m in range(nqb):
