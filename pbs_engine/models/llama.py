@@ -19,7 +19,8 @@ class DecoderAttention(nn.Module):
         super().__init__()
         d = cfg.head_dim
         q_heads, kv_heads = tp.split(cfg.num_attention_heads), kv_head_split(tp, cfg.num_key_value_heads)
-        self.num_heads, self.num_kv_heads, self.head_dim = q_heads.stop - q_heads.start, kv_heads.stop - kv_heads.start, d
+        self.num_heads, self.num_kv_heads = q_heads.stop - q_heads.start, kv_heads.stop - kv_heads.start
+        self.head_dim = d
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         rows = lambda heads: slice(heads.start * d, heads.stop * d)  # noqa: E731
         self.qkv_proj = Linear(cfg.hidden_size, [cfg.num_attention_heads * d] + [cfg.num_key_value_heads * d] * 2,
