@@ -40,3 +40,19 @@ def test_dependencies_resolve_to_wheels_only():
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--only-binary=:all:", "-q",
                           "--disable-pip-version-check", *requirements()], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_the_cpu_engine_runs_without_triton(smollm2_path):
+    """Triton is a test (and CUDA) dependency only: with it missing, a CPU generation still works."""
+    code = ("import sys; sys.modules['triton'] = None; from pbs_engine import LLM, SamplingParams; "
+            f"llm = LLM({str(smollm2_path)!r}, device='cpu'); "
+            "print(llm.generate('Hello', SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "triton" not in res.stderr.lower()
+    assert len(eval(res.stdout.strip().splitlines()[-1])) == 2
+
+
+def test_triton_is_not_a_runtime_dependency():
+    assert not any(name_of(r) == "triton" for r in tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"])

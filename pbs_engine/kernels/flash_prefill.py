@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from pbs_engine.kernels.triton_compat import tl, triton
 
 from pbs_engine.kernels.dispatch import use_triton
 

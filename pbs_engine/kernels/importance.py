@@ -8,8 +8,7 @@ exponentials, split over key ranges and merged in torch), (2) per key tile, the 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from pbs_engine.kernels.triton_compat import tl, triton
 
 from pbs_engine.kernels.dispatch import use_triton
 

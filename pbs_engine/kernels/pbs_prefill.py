@@ -10,8 +10,7 @@ import bisect
 import math
 
 import torch
-import triton
-import triton.language as tl
+from pbs_engine.kernels.triton_compat import tl, triton
 
 from pbs_engine.kernels.config import PBSConfig
 from pbs_engine.kernels.dispatch import use_triton

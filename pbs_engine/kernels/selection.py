@@ -26,8 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+from pbs_engine.kernels.triton_compat import tl, triton
 
 from pbs_engine.kernels.config import PBSConfig
 from pbs_engine.kernels.dispatch import use_triton
