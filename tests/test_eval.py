@@ -25,3 +25,10 @@ def test_eval_smoke(smollm2_path, tmp_path):
     assert {r["method"] for r in res["needle"]} >= {"dense", "pbs"}
     assert (out / "summary.md").read_text().count("|") > 10
     assert (out / "density_by_layer.png").stat().st_size > 0
+    assert "NLL last 1024" in (out / "summary.md").read_text()  # what was scored, not a fixed "1K"
+
+
+def test_eval_refuses_lengths_beyond_the_context(smollm2_path, tmp_path, capsys):
+    assert main(["eval", "--model", str(smollm2_path), "--device", "cpu", "--lengths", "16384",
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "--lengths/--needle-lengths 16384: beyond the model's context (8192" in capsys.readouterr().err

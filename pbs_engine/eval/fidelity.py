@@ -57,7 +57,7 @@ def lm_fidelity(model, ids: list[int], methods: dict, last: int = 1024) -> list[
         for layer, _, s in stats:
             by_layer[layer].append(s.density)
         rows.append({
-            "method": name, "tokens": n,
+            "method": name, "tokens": n, "scored": last,
             "nll": -lp.gather(1, targets[:, None]).mean().item(),
             "top1_agreement": (lp.argmax(-1) == dense_lp.argmax(-1)).float().mean().item(),
             "kl_from_dense": (dense_lp.exp() * (dense_lp - lp)).sum(-1).mean().item(),

@@ -15,6 +15,11 @@ from pbs_engine.eval.text import stdlib_text
 
 def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float], needle_lengths: list[int],
              depths: list[float], needle_seeds: int, out_dir: Path, variants: list[str] | None = None) -> dict:
+    limit = llm.config.max_model_len
+    too_long = [n for n in lengths + needle_lengths if n > limit]
+    if too_long:
+        raise ValueError(f"--lengths/--needle-lengths {max(too_long)}: beyond the model's context ({limit} tokens, "
+                         f"--max-model-len); give lengths up to {limit}")
     out_dir.mkdir(parents=True, exist_ok=True)
     model = llm.model
     tok = llm.get_tokenizer()
@@ -40,7 +45,9 @@ def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float],
 def summary(results: dict) -> str:
     lines = [f"model: {results['model']}  device: {results['device']}", ""]
     if results.get("lm"):
-        lines += ["| tokens | method | NLL last 1K | vs dense | top-1 agree | KL(dense‖m) | top-1 agree, all "
+        scored = sorted({r.get("scored", min(1024, r["tokens"] // 2)) for r in results["lm"]})
+        last = f"last {scored[0]}" if len(scored) == 1 else "last min(1024, tokens / 2)"
+        lines += [f"| tokens | method | NLL {last} | vs dense | top-1 agree | KL(dense‖m) | top-1 agree, all "
                   "positions | density | prefill s |", "|---|---|---|---|---|---|---|---|---|"]
         dense = {r["tokens"]: r["nll"] for r in results["lm"] if r["method"] == "dense"}
         for r in results["lm"]:
