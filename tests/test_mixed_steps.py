@@ -52,8 +52,24 @@ def test_a_short_prompt_goes_beside_a_long_one_not_behind_it():
     sched = scheduler(budget=1024)
     sched.add(seq("long", 50_000))
     sched.add(seq("short", 100))
-    first = run_step(sched)
-    assert first["short"] == 100 and first["long"] == 1024 - 100
+    first = run_step(sched)  # under contention the long prompt takes its capped share only: the step stays short
+    assert first == {"long": 256, "short": 100}
+
+
+def test_running_streams_cap_a_long_prompts_chunk():
+    sched = scheduler(budget=1024)
+    stream = seq("stream", 10, max_tokens=100)
+    sched.add(stream)
+    run_step(sched)
+    sched.add(seq("long", 50_000))
+    assert run_step(sched) == {"stream": 1, "long": 256}
+    sched.finish(stream)
+    assert run_step(sched) == {"long": 1024}  # alone again: the whole budget
+
+
+def test_the_default_cap_is_at_most_8k_tokens():
+    assert scheduler(budget=131072).long_prefill_token_threshold == 8192
+    assert scheduler(budget=4096).long_prefill_token_threshold == 1024
 
 
 def test_a_prompt_alone_takes_the_whole_budget():

@@ -40,6 +40,26 @@ def wall_s(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def gpu_profile(fn: Callable[[], object], ranges: tuple[str, ...] = ()) -> dict[str, float]:
+    """One run of fn under torch.profiler: the wall time, the GPU kernel time ("gpu_s"), and the GPU time of the
+    kernels launched inside each named torch.profiler.record_function range (e.g. "pbs.selection")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    # kernels and copies only: the ranges' own GPU-side annotations span their kernels and would count them twice
+    kernels = [e for e in events if e.device_type.name == "CUDA" and e.device_time_total > 0 and e.key not in ranges]
+    out = {"wall_s": wall, "gpu_s": sum(e.device_time_total for e in kernels) / 1e6}
+    for name in ranges:  # the CPU-side range's device time: its kernels' time
+        out[name] = max((e.device_time_total for e in events if e.key == name), default=0.0) / 1e6
+    return out
+
+
 def numbers(text: str, flag: str, kind: type = int) -> list:
     """"1,2,3" -> [1, 2, 3]; a bad item names the flag."""
     try:

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
               max_num_seqs=max(8, args.streams + args.shorts + 1))
     llm.set_prefill_attention(attention, pbs)
     engine, vocab = llm.engine, cfg["vocab_size"]
-    stream_params = SamplingParams(max_tokens=args.long, ignore_eos=True, temperature=0)  # decode throughout
+    # the streams decode throughout (they are aborted at the end): as many tokens as max_model_len lets them
+    stream_params = SamplingParams(max_tokens=args.long + 64 - args.stream_len, ignore_eos=True, temperature=0)
     first = SamplingParams(max_tokens=1, ignore_eos=True)
 
     def submit(n: int, seed: int, params) -> str:

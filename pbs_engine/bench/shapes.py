@@ -20,7 +20,14 @@ LLAMA31_8B = {
                      "original_max_position_embeddings": 8192},
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128009,
 }
-SHAPES = {"qwen2.5-7b-1m": QWEN25_7B_1M, "llama-3.1-8b": LLAMA31_8B}
+QWEN25_CODER_05B = {  # Qwen2.5-Coder-0.5B-Instruct: 14 query / 2 KV heads, 32K context (as converted from the GGUF)
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
+    "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+    "rope_theta": 1000000.0, "max_position_embeddings": 32768, "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False, "attention_bias": True, "torch_dtype": "bfloat16", "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
+SHAPES = {"qwen2.5-7b-1m": QWEN25_7B_1M, "llama-3.1-8b": LLAMA31_8B, "qwen2.5-coder-0.5b": QWEN25_CODER_05B}
 
 
 def shape_dir(name: str) -> Path:

@@ -23,8 +23,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
     g.add_argument("--max-num-partial-prefills", type=int, default=4,
                    help="prompts prefilled side by side in one step (default: 4)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="tokens per step, the longest prefill chunk (default: on GPU the largest of 128K..8K whose "
+                        "activations fit beside the KV cache; 4096 on CPU)")
     g.add_argument("--long-prefill-token-threshold", type=int, default=None,
-                   help="while others wait, tokens one prompt may take per step (default: a quarter of the step)")
+                   help="while other requests run or wait, tokens one prompt may take per step (default: a quarter "
+                        "of the step, at most 8192)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many GPUs (or CPU processes), one worker process each")
     g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
@@ -97,6 +101,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size,
                 max_num_partial_prefills=args.max_num_partial_prefills,
                 long_prefill_token_threshold=args.long_prefill_token_threshold,
+                max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching,
                 chat_template=args.chat_template, kv_cache_memory=args.kv_cache_memory,
                 num_kv_blocks=args.num_kv_blocks)

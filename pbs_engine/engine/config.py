@@ -44,11 +44,15 @@ class EngineConfig:
     # cap on what gpu_memory_utilization leaves free (None: all of it)
     max_num_seqs: int = 128
     tensor_parallel_size: int = 1  # ranks the model's heads, MLP and vocabulary are split over (one process each)
-    max_num_batched_tokens: int | None = None  # per-step token budget; None: 16384 on cuda, 4096 on cpu
+    max_num_batched_tokens: int | None = None  # per-step token budget (the longest prefill chunk); None: on cuda
+    # the largest of 128K, 64K, ... 8K tokens whose activations fit beside a full-length KV cache (ModelRunner.
+    # prefill_chunk), on cpu 4096
     chunked_prefill: bool = True
-    max_num_partial_prefills: int = 4  # prompts prefilled side by side in one step
+    max_num_partial_prefills: int = 4  # prompts part-way through their prefill at once (ones that finish in a step
+    # may pass them)
     long_prefill_token_threshold: int | None = None  # while others wait, a prompt takes at most this many tokens a
-    # step in the first pass (short prompts go beside a long one, not behind it); None: max_num_batched_tokens / 4
+    # step while other requests run or wait (short prompts go beside a long one, not behind it, and running streams
+    # keep decoding); None: max_num_batched_tokens / 4, at most 8192
     enable_prefix_caching: bool = True  # reuse the cached K/V of full prompt blocks shared with earlier requests
     enforce_eager: bool = False  # True: no CUDA graphs for decode
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights from config.json (speed runs only)
@@ -78,8 +82,8 @@ class EngineConfig:
             self.pbs = PBSConfig(**self.pbs)
         if self.kv_block_size is None:
             self.kv_block_size = 256 if dev.type == "cuda" else 16
-        if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 16384 if dev.type == "cuda" else 4096
+        if self.max_num_batched_tokens is None and dev.type == "cpu":
+            self.max_num_batched_tokens = 4096  # on cuda the runner sizes it from memory
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size!r} must be an integer >= 1")
         if dev.type == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
@@ -88,7 +92,7 @@ class EngineConfig:
         if dev.type == "cuda" and self.tensor_parallel_size > 1 and dev.index not in (None, 0):
             raise ValueError(f"device={self.device!r}: with tensor parallelism rank r runs on cuda:r; give 'cuda'")
         for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_num_partial_prefills"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
             raise ValueError(f"long_prefill_token_threshold={self.long_prefill_token_threshold} must be >= 1")

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from pbs_engine.engine.config import CPU_KV_CACHE_MEMORY, EngineConfig
@@ -26,15 +27,17 @@ from pbs_engine.models.loader import build_model
 
 logger = logging.getLogger(__name__)
 LOGITS_CHUNK = 1024  # rows of prompt logits materialised at once for prompt_logprobs
+CHUNK_CHOICES = (131072, 65536, 32768, 16384, 8192)  # prefill chunks the runner picks from (largest that fits)
+ACTIVATION_MARGIN = 1.25  # on top of the activations counted in prefill_memory: temporaries, allocator slack
 
 
 @dataclass
 class StepInput:
-    """One step for the model, in host lists (what crosses to the other ranks): decode rows first."""
+    """One step for the model, in host arrays and lists (what crosses to the other ranks): decode rows first."""
 
-    ids: list[int]
-    positions: list[int]
-    slots: list[int]
+    ids: np.ndarray  # (T,) int64
+    positions: np.ndarray  # (T,) int64
+    slots: np.ndarray  # (T,) int64 flat cache slots
     block_tables: list[list[int]]
     num_decodes: int
     context_lens: list[int]  # decode rows: tokens in cache including the new one
@@ -73,13 +76,46 @@ class ModelRunner:
         elem = torch.empty(0, dtype=self.config.torch_dtype).element_size()
         return 2 * cfg.num_hidden_layers * self.config.kv_block_size * attn.num_kv_heads * cfg.head_dim * elem
 
+    def prefill_memory(self, chunk: int, context: int) -> int:
+        """Bytes one prefill step of `chunk` tokens over a `context`-token context needs beyond the weights and the
+        KV cache: the widest layer's activations (hidden, residual, qkv, MLP gate/up and its product) and PBS
+        selection's buffers (block scores and lists, the permuted and gathered K/V)."""
+        cfg, pbs = self.model_config, self.config.pbs
+        attn = self.model.attention_layers()[0]
+        hq, hkv, d = attn.num_heads, attn.num_kv_heads, cfg.head_dim
+        elem = torch.empty(0, dtype=self.config.torch_dtype).element_size()
+        inter = -(-cfg.intermediate_size // self.tp.size)
+        per_token = elem * (4 * cfg.hidden_size + 3 * inter + 2 * (hq + 2 * hkv) * d)
+        nqb, nkb = -(-chunk // pbs.block_size), -(-context // pbs.block_size)
+        selection = 4 * hq * nqb * nkb * (pbs.query_reps + 1) + 4 * nqb * nkb + context * hkv * (4 * d * elem + 24)
+        return int(ACTIVATION_MARGIN * (per_token * chunk + selection))
+
+    def _prefill_chunk(self, room: float, kv_needed: float, share: float = 1 / 3) -> int:
+        """The largest CHUNK_CHOICES chunk (at most max_model_len) whose prefill_memory takes at most `share` of
+        `room` bytes and leaves kv_needed bytes of it for the KV cache; the smallest choice when none does."""
+        longest = self.config.max_model_len
+        for chunk in CHUNK_CHOICES:
+            chunk = min(chunk, longest)
+            need = self.prefill_memory(chunk, longest)
+            if need <= room * share and room - need >= kv_needed:
+                return chunk
+        return min(CHUNK_CHOICES[-1], longest)
+
     def _allocate_kv_cache(self) -> int:
         cfg, conf = self.model_config, self.config
         num_blocks = conf.num_kv_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            room = free - (1 - conf.gpu_memory_utilization) * total
+            per_token = self.kv_bytes_per_block() / conf.kv_block_size
+            if conf.max_num_batched_tokens is None:  # sized before the cache takes the memory
+                conf.max_num_batched_tokens = (
+                    self._prefill_chunk(room, per_token * conf.max_model_len) if num_blocks is None
+                    else self._prefill_chunk(room, num_blocks * self.kv_bytes_per_block(), share=1.0))
+                logger.info("prefill chunk: %d tokens", conf.max_num_batched_tokens)
         if num_blocks is None:
             if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                budget = free - (1 - conf.gpu_memory_utilization) * total
+                budget = room - self.prefill_memory(conf.max_num_batched_tokens, conf.max_model_len)
                 if conf.kv_cache_memory is not None:
                     budget = min(budget, conf.kv_cache_memory)
             else:
@@ -112,31 +148,34 @@ class ModelRunner:
         return num_blocks
 
     # ---- rank 0: batch -> StepInput, logits -> tokens -------------------------------------------------------------
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs = self.config.kv_block_size
-        return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def prepare(self, batch: ScheduledBatch) -> StepInput:
-        """Pack the batch: decode rows (one token each) first, then each prefill chunk's tokens."""
-        inp = StepInput([], [], [], [], batch.num_decodes, [], [], [], self.config.attention, self.config.pbs)
+        """Pack the batch: decode rows (one token each) first, then each prefill chunk's tokens, in numpy (a
+        million-token prompt packs in milliseconds)."""
+        bs = self.config.kv_block_size
+        ids, positions, slots, tables = [], [], [], []
+        inp = StepInput(None, None, None, tables, batch.num_decodes, [], [], [], self.config.attention,
+                        self.config.pbs)
         width = max(len(s.block_table) for s in batch.seqs)
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             start = seq.num_computed_tokens
-            inp.ids += seq.tokens(start, start + n)
-            inp.positions += range(start, start + n)
-            inp.slots += self._slots(seq, start, start + n)
-            inp.block_tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
+            pos = np.arange(start, start + n, dtype=np.int64)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            ids.append(np.asarray(seq.tokens(start, start + n), dtype=np.int64))
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
             if i < batch.num_decodes:
                 inp.context_lens.append(start + 1)
             else:
                 inp.lens_q.append(n)
                 inp.lens_k.append(start + n)
+        inp.ids, inp.positions, inp.slots = (np.concatenate(x) for x in (ids, positions, slots))
         return inp
 
     def _plan_logits(self, batch: ScheduledBatch, inp: StepInput) -> list[tuple[Sequence, int, int]]:
         """Fill inp.logit_rows: first the rows sampled from, then prompt-logprob chunks; returns (seq, first
         position, last position) of each chunk."""
-        ends = [e - 1 for e in torch.tensor(batch.num_tokens).cumsum(0).tolist()]
+        ends = (np.cumsum(batch.num_tokens) - 1).tolist()
         inp.logit_rows.append([ends[i] for i in range(len(batch.seqs)) if batch.completes_prompt(i)])
         chunks = []
         for seq, n, end in zip(batch.seqs, batch.num_tokens, ends):
@@ -188,43 +227,62 @@ class ModelRunner:
         return result
 
     # ---- every rank ------------------------------------------------------------------------------------------------
-    def _tensors(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _tensors(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
+        """The step's device tensors (ids, positions, metadata, the hidden rows of each logits call), all packed into one pinned host buffer and copied with one non-blocking
+        transfer (no host sync: the GPU may still be running the previous step)."""
         dev = self.device
-
-        def tensor(x, dtype=torch.long):
-            return torch.tensor(x, dtype=dtype, device=dev)
-
-        def cumulative(lens):
-            return tensor([0] + lens, torch.int32).cumsum(0).to(torch.int32)
-
         prefill = inp.has_prefill
+        nq = len(inp.lens_q)
+        parts = {"ids": inp.ids, "positions": inp.positions, "slots": inp.slots,
+                 "tables": np.asarray(inp.block_tables, dtype=np.int64).reshape(-1)}
+        if prefill:
+            parts["cu_q"] = np.cumsum([0] + inp.lens_q)
+            parts["cu_k"] = np.cumsum([0] + inp.lens_k)
+            # per prefill row: [0, q_len] and [0, k_len], for a row whose attention runs on its own
+            parts["row_cu"] = np.stack([np.zeros(nq, np.int64), inp.lens_q, np.zeros(nq, np.int64),
+                                        inp.lens_k], 1).reshape(-1)
+        if inp.context_lens:
+            parts["context_lens"] = np.asarray(inp.context_lens, dtype=np.int64)
+        for j, rows in enumerate(inp.logit_rows):
+            parts[f"logits{j}"] = np.asarray(rows, dtype=np.int64)
+        host = torch.from_numpy(np.concatenate(list(parts.values())).astype(np.int64, copy=False))
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(dev, non_blocking=True)
+        views, offset = {}, 0
+        for name, arr in parts.items():
+            views[name] = flat[offset:offset + len(arr)]
+            offset += len(arr)
+        i32 = lambda name: views[name].to(torch.int32)  # noqa: E731
+        row_cu = i32("row_cu").view(nq, 2, 2) if prefill else None
         meta = AttentionMetadata(
             is_prefill=prefill,
             num_decode_tokens=inp.num_decodes if prefill else 0,
-            slot_mapping=tensor(inp.slots),
-            block_tables=tensor(inp.block_tables, torch.int32),
-            cu_seqlens_q=cumulative(inp.lens_q) if prefill else None,
-            cu_seqlens_k=cumulative(inp.lens_k) if prefill else None,
+            slot_mapping=views["slots"],
+            block_tables=i32("tables").view(len(inp.block_tables), -1),
+            cu_seqlens_q=i32("cu_q") if prefill else None,
+            cu_seqlens_k=i32("cu_k") if prefill else None,
             seq_lens_q=inp.lens_q,
             seq_lens_k=inp.lens_k,
-            context_lens=tensor(inp.context_lens, torch.int32) if inp.context_lens else None,
+            row_cu_seqlens=row_cu,
+            context_lens=i32("context_lens") if inp.context_lens else None,
             prefill_method=inp.prefill_method,
             pbs=inp.pbs,
             pbs_stats=[] if prefill and inp.prefill_method == "pbs" else None,
         )
-        return tensor(inp.ids), tensor(inp.positions), meta
+        return views["ids"], views["positions"], meta, [views[f"logits{j}"] for j in range(len(inp.logit_rows))]
 
     @torch.inference_mode()
     def execute(self, inp: StepInput) -> Iterator[torch.Tensor]:
         """The forward pass, then the logits of each group of inp.logit_rows in turn, then (after a PBS prefill)
         each prefill row's (kept, visible) block pairs summed over layers, heads and ranks."""
-        ids, positions, meta = self._tensors(inp)
+        ids, positions, meta, logit_rows = self._tensors(inp)
         if self.graphs is not None and not inp.has_prefill and self.graphs.fits(len(inp.context_lens)):
             hidden = self.graphs.run(ids, positions, meta)
         else:
             hidden = self.model(ids, positions, meta)
-        for rows in inp.logit_rows:
-            yield self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.long, device=self.device)])
+        for rows in logit_rows:
+            yield self.model.compute_logits(hidden[rows])
         if meta.pbs_stats is not None:
             counts = torch.zeros(len(inp.lens_q), 2, dtype=torch.long, device=self.device)
             for _, row, st in meta.pbs_stats:

@@ -1,9 +1,11 @@
 """Who runs next: every step carries one decode token of each running sequence, then prefill chunks of the
 waiting ones in the token budget that is left (mixed steps, as vLLM V1 and SGLang do).
 
-Fairness between prompts: when several prompts wait, each takes at most `long_prefill_token_threshold` tokens in
-its first pass, so short prompts get their turn beside a long one instead of behind it; what is left of the budget
-then goes back to the prompts in arrival order, so a prompt alone takes the whole budget. The oldest prompt always
+Fairness between prompts: when several prompts wait, or sequences are decoding, each prompt takes at most
+`long_prefill_token_threshold` tokens a step, so short prompts get their turn beside a long one instead of behind
+it and running streams are not held up by a whole long chunk; at most `max_num_partial_prefills` prompts are
+part-way at once, and prompts that finish in the step may pass them. A prompt alone with no stream running takes
+the whole budget. The oldest prompt always
 goes first and so progresses every step. The scheduler only moves sequences between queues and reserves cache
 blocks; it never touches tensors.
 """
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 
 from pbs_engine.engine.block_manager import BlockManager
 from pbs_engine.engine.sequence import Sequence, SequenceStatus
+
+LONG_PREFILL_CAP = 8192  # default per-step share of one prompt while others run or wait: a step of 8K prefill tokens
+# plus the decodes takes ~0.25 s on the Qwen2.5-7B-1M shape (H200), the longest a running stream then waits
 
 
 @dataclass
@@ -44,7 +49,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
         self.max_num_partial_prefills = max_num_partial_prefills
-        self.long_prefill_token_threshold = long_prefill_token_threshold or max(1, max_num_batched_tokens // 4)
+        self.long_prefill_token_threshold = long_prefill_token_threshold or max(1, min(max_num_batched_tokens // 4,
+                                                                                       LONG_PREFILL_CAP))
         self.waiting: deque[Sequence] = deque()  # arrival order; prompts partly prefilled stay here until done
         self.running: list[Sequence] = []  # prompt done: one decode token per step
         self.num_preemptions = 0
@@ -80,14 +86,17 @@ class Scheduler:
         return scheduled
 
     def _schedule_prefills(self, budget: int) -> tuple[list[Sequence], list[int]]:
-        """Prefill chunks in arrival order: a first pass capped per prompt when several wait, then the budget left
-        extends the chunks in the same order. A prompt whose next chunk does not fit the free cache waits (and so
-        do the ones behind it: first come, first served)."""
-        room = min(self.max_num_seqs - len(self.running), self.max_num_partial_prefills)
-        candidates = list(self.waiting)[:max(0, room)]
-        cap = self.long_prefill_token_threshold if len(candidates) > 1 else budget
-        seqs, counts = [], []
-        for seq in candidates:
+        """Prefill chunks in arrival order. Under contention (several prompts wait, or streams decode) each prompt
+        takes at most `long_prefill_token_threshold` tokens, and at most `max_num_partial_prefills` prompts that
+        stay unfinished after this step take part: a prompt that finishes in this step (a short one) may pass them,
+        as vLLM's max_long_partial_prefills lets short prompts jump the queue. A lone prompt with no stream running
+        takes the whole budget. A prompt whose next chunk does not fit the free cache waits (and so do the
+        ones behind it: first come, first served)."""
+        waiting = list(self.waiting)[:max(0, self.max_num_seqs - len(self.running))]
+        contended = len(waiting) > 1 or bool(self.running)
+        cap = self.long_prefill_token_threshold if contended else budget
+        seqs, counts, partial = [], [], 0
+        for seq in waiting:
             if budget <= 0:
                 break
             if seq.num_computed_tokens == 0 and not seq.block_table:
@@ -96,19 +105,16 @@ class Scheduler:
             n = min(pending, budget, cap) if self.chunked_prefill else min(pending, budget)
             if n < pending and not self.chunked_prefill and seqs:
                 break
+            if n < pending and partial >= self.max_num_partial_prefills:
+                continue  # enough prompts are part-way: only ones that finish now go beside them
             if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n) and not (
                     not seqs and self._make_room(seq, seq.num_computed_tokens + n)):
                 break
             self.blocks.allocate(seq, seq.num_computed_tokens + n)
             seqs.append(seq)
             counts.append(n)
+            partial += n < pending
             budget -= n
-        for i, seq in enumerate(seqs):  # the budget left goes back to the prompts in arrival order
-            extra = min(len(seq) - seq.num_computed_tokens - counts[i], budget)
-            if extra > 0 and self.blocks.can_allocate(seq, seq.num_computed_tokens + counts[i] + extra):
-                self.blocks.allocate(seq, seq.num_computed_tokens + counts[i] + extra)
-                counts[i] += extra
-                budget -= extra
         return seqs, counts
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:

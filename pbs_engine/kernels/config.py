@@ -16,7 +16,13 @@ HELP = {
     "dense_last_blocks": "the last this many query blocks of each prefill call attend to every key block",
     "block_score": "score a block by mean-pooled keys (mean) or by the pooled query's attention mass in it (lse)",
     "query_reps": "pooled queries per query block; a key block is kept if any of them selects it",
+    "min_length": "prefill calls whose context (cached prefix + chunk) is shorter than this many tokens run dense "
+                  "attention (default: measured per device, docs/prefill.md)",
 }
+
+# Below this context length PBS costs more than it saves on a GPU, so prefill runs dense (PBSConfig.min_length=None).
+# H200, Qwen2.5-Coder-0.5B (real) and the Qwen2.5-7B-1M shape: see docs/prefill.md, `pbs-engine bench prefill`.
+CUDA_DENSE_BELOW = 16384
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class PBSConfig:
     # groups, each scored on its own; a key block is kept when any group's threshold selection keeps it (budget
     # mode ranks blocks by their largest share over the groups). One mean per 128 queries averages away the
     # queries that look far back for one thing (copying, retrieval); 1 = the paper's one mean per block
+    min_length: int | None = None  # a prefill call whose context is shorter runs dense; None: CUDA_DENSE_BELOW on
+    # a GPU (measured there: below it selection and launch costs exceed what sparsity saves), 0 on the CPU
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,10 +63,17 @@ class PBSConfig:
             (self.query_reps >= 1 and self.block_size % self.query_reps == 0, "query_reps",
              "must be >= 1 and divide block_size"),
             (self.block_score in BLOCK_SCORES, "block_score", f"must be one of {', '.join(BLOCK_SCORES)}"),
+            (self.min_length is None or self.min_length >= 0, "min_length", "must be >= 0"),
         ]
         for ok, name, why in checks:
             if not ok:
                 raise ValueError(f"PBSConfig.{name}={getattr(self, name)!r}: {why}")
+
+    def dense_below(self, device) -> int:
+        """The context length under which a prefill call on `device` (a torch.device) runs dense."""
+        if self.min_length is not None:
+            return self.min_length
+        return CUDA_DENSE_BELOW if device.type == "cuda" else 0
 
     @classmethod
     def budget_of(cls, fraction: float, base: "PBSConfig | None" = None) -> "PBSConfig":

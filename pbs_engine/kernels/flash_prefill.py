@@ -216,7 +216,10 @@ def flash_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
 
 
 def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                  cu_seqlens_k: torch.Tensor, causal: bool = True, sm_scale: float | None = None) -> torch.Tensor:
-    """Causal (or full) attention of each sequence's queries over its keys; Triton on CUDA, torch's SDPA elsewhere."""
-    attend = flash_prefill_triton if use_triton(q) else flash_prefill_sdpa
-    return attend(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
+                  cu_seqlens_k: torch.Tensor, causal: bool = True, sm_scale: float | None = None,
+                  max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Causal (or full) attention of each sequence's queries over its keys; Triton on CUDA, torch's SDPA elsewhere.
+    max_seqlen_q: the longest query length, known on the host (None: read from cu_seqlens_q, a host sync)."""
+    if use_triton(q):
+        return flash_prefill_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale, max_seqlen_q)
+    return flash_prefill_sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)

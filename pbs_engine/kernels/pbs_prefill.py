@@ -212,6 +212,7 @@ def pbs_prefill_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config
     return pbs_attention_triton(q, sel, config, scale), PBSStats(kept=sel.kept, visible=sel.visible)
 
 
+SELECTION_RANGE, ATTENTION_RANGE = "pbs.selection", "pbs.attention"  # torch.profiler ranges of pbs_prefill
 GATHER_ELEMENTS = 1 << 24  # CPU path: the most K (and V) elements gathered for one attention call
 
 
@@ -284,7 +285,11 @@ def pbs_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSCo
     Triton on CUDA; elsewhere the same batched selection with the attention in torch (`pbs_prefill_ref`, the
     loop-by-loop specification, is for tests: it is far too slow to serve from)."""
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    sel = pbs_select(q, k, v, config, scale)  # PBS: 1. Permutation, 2. Block scoring, 3. Selection
+    # the profiler ranges let `pbs-engine bench prefill` report the selection's share of the GPU time
+    with torch.profiler.record_function(SELECTION_RANGE):
+        sel = pbs_select(q, k, v, config, scale)  # PBS: 1. Permutation, 2. Block scoring, 3. Selection
     # PBS: 4. Sparse attention
     attend = pbs_attention_triton if use_triton(q) else pbs_attention_torch
-    return attend(q, sel, config, scale), PBSStats(kept=sel.kept, visible=sel.visible)
+    with torch.profiler.record_function(ATTENTION_RANGE):
+        out = attend(q, sel, config, scale)
+    return out, PBSStats(kept=sel.kept, visible=sel.visible)

@@ -23,7 +23,8 @@ attention, is pbs_prefill.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 from pbs_engine.kernels.triton_compat import tl, triton
@@ -55,10 +56,20 @@ class BlockGeometry:
     diag: torch.Tensor  # visible blocks of the diagonal segment(s): from the segment of the block's first query on
     forced: torch.Tensor  # kept whatever the scores: the first block, the diagonal segment, and every visible block
     # of the last `dense_last_blocks` query blocks
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # what the kernels derive from it, once
+
+    def derived(self, name: str, make):
+        """`make()` computed once per geometry: the selection kernels' int8 kinds, budget counts, first query
+        blocks; every layer of a step shares one geometry, so these are built once per step, not per layer."""
+        if name not in self.memo:
+            self.memo[name] = make()
+        return self.memo[name]
 
 
+@functools.lru_cache(maxsize=4)
 def block_geometry(cfg: PBSConfig, n: int, n_kv: int, device: torch.device | str = "cpu") -> BlockGeometry:
-    """The block geometry of n queries at the end of n_kv keys (the first n_kv - n a cached prefix)."""
+    """The block geometry of n queries at the end of n_kv keys (the first n_kv - n a cached prefix). Cached: each
+    layer of a prefill step asks for the same one (treat it as read-only)."""
     bs, seg, prefix = cfg.block_size, cfg.segment_size, n_kv - n
     nqb, nkb = -(-n // bs), -(-n_kv // bs)
     m = torch.arange(nqb, device=device)
@@ -71,6 +82,13 @@ def block_geometry(cfg: PBSConfig, n: int, n_kv: int, device: torch.device | str
     diag = visible & (block_seg[None, :] >= (q_first // seg * seg)[:, None])
     forced = diag | (visible & ((j == 0)[None, :] | (m >= nqb - cfg.dense_last_blocks)[:, None]))
     return BlockGeometry(visible=visible, diag=diag, forced=forced)
+
+
+def dense_stats(cfg: PBSConfig, n: int, n_kv: int, num_heads: int, device: torch.device) -> "PBSStats":
+    """The stats of a prefill call that ran dense: every causally visible block pair kept."""
+    visible = int(block_geometry(cfg, n, n_kv).visible.sum())  # on the host: no device sync
+    pairs = torch.full((num_heads,), visible, dtype=torch.long, device=device)
+    return PBSStats(kept=pairs, visible=pairs)
 
 
 @dataclass
@@ -219,7 +237,8 @@ def block_lse_triton(qm: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor
     nkb = npad // cfg.block_size
     # query-block major rows, so the query blocks that cannot see a key block are a prefix the kernel skips
     rows = qm.to(keys.dtype).permute(0, 2, 1, 3).reshape(hkv, nqb * group, d)
-    first = geo.visible.to(torch.int8).argmax(0).to(torch.int32)  # the first query block seeing each key block
+    first = geo.derived("first", lambda: geo.visible.to(torch.int8).argmax(0).to(torch.int32))  # the first query
+    # block seeing each key block
     out = torch.full((hkv * group, nqb, nkb), float("-inf"), dtype=torch.float32, device=qm.device)
     block_r, warps, stages = tiles or ((64, 4, 2) if qm.device.type == "cuda" else (16, 1, 1))
     _block_lse_kernel[(hkv, nkb)](
@@ -308,13 +327,14 @@ def choose_triton(scores: torch.Tensor, geo: BlockGeometry, cfg: PBSConfig) -> t
     reps = cfg.query_reps
     hq = rows // reps
     scores = scores.contiguous()
-    kind = (geo.visible.to(torch.int8) + geo.forced.to(torch.int8) + geo.diag.to(torch.int8)).contiguous()
+    kind = geo.derived("kind", lambda: (geo.visible.to(torch.int8) + geo.forced.to(torch.int8)
+                                        + geo.diag.to(torch.int8)).contiguous())
     idx = torch.zeros(hq, nqb, nkb, dtype=torch.int32, device=scores.device)
     counts = torch.empty(hq, nqb, dtype=torch.int32, device=scores.device)
     if cfg.budget is not None:
         mode = 1
-        n_sel = (torch.ceil(cfg.budget * geo.visible.sum(-1).double() - 1e-6).long()
-                 - geo.forced.sum(-1)).to(torch.int32)
+        n_sel = geo.derived(("n_sel", cfg.budget), lambda: (
+            torch.ceil(cfg.budget * geo.visible.sum(-1).double() - 1e-6).long() - geo.forced.sum(-1)).to(torch.int32))
     else:
         mode, n_sel = (2 if cfg.threshold >= 1.0 else 0), counts  # NSEL unused
     on_gpu = scores.device.type == "cuda"
@@ -363,5 +383,5 @@ def pbs_select(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: PBSConfig
         idx, counts = _compact(_choose_reps(probs, geo.visible, geo.forced, cfg))
     return PBSSelection(keys=keys, values=values, key_pos=key_pos, q_offset=n_kv - n,
                         block_idx=idx, block_count=counts.to(torch.int32),
-                        diag_count=geo.diag.sum(-1).to(torch.int32), kept=counts.sum(-1),
-                        visible=geo.visible.sum().expand(hq))
+                        diag_count=geo.derived("diag_count", lambda: geo.diag.sum(-1).to(torch.int32)),
+                        kept=counts.sum(-1), visible=geo.derived("visible", lambda: geo.visible.sum()).expand(hq))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pbs_engine.kernels import PBSConfig, flash_prefill, paged_decode, pbs_prefill
+from pbs_engine.kernels.selection import dense_stats
 
 
 @dataclass
@@ -26,6 +27,7 @@ class AttentionMetadata:
     cu_seqlens_k: torch.Tensor | None = None  # (P+1,) int32
     seq_lens_q: list[int] = field(default_factory=list)
     seq_lens_k: list[int] = field(default_factory=list)
+    row_cu_seqlens: torch.Tensor | None = None  # (P, 2, 2) int32: [0, q_len], [0, k_len] of each prefill row alone
     # decode rows
     context_lens: torch.Tensor | None = None  # (D,) int32, tokens in cache including the new one
     # PBS
@@ -73,7 +75,8 @@ class Attention(nn.Module):
             k, v = self._gather_context(meta)
         if meta.prefill_method == "pbs":
             return self._pbs(q, k, v, meta)
-        return flash_prefill(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, sm_scale=self.scale)
+        return flash_prefill(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, sm_scale=self.scale,
+                             max_seqlen_q=max(meta.seq_lens_q))
 
     def _gather_context(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Each prefill sequence's whole context (cached prefix + this chunk) from the paged cache, packed varlen."""
@@ -86,11 +89,22 @@ class Attention(nn.Module):
         return torch.cat(ks), torch.cat(vs)
 
     def _pbs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """PBS prefill row by row; a row whose context is shorter than the PBS `min_length` runs dense (there the
+        selection costs more than it saves) and counts as fully dense in the stats."""
         out = torch.empty_like(q)
         q0 = k0 = 0
+        min_length = meta.pbs.dense_below(q.device)
         for row, (q_len, k_len) in enumerate(zip(meta.seq_lens_q, meta.seq_lens_k)):
-            o, stats = pbs_prefill(q[q0:q0 + q_len], k[k0:k0 + k_len], v[k0:k0 + k_len], meta.pbs, sm_scale=self.scale)
-            out[q0:q0 + q_len] = o
+            rows, keys = slice(q0, q0 + q_len), slice(k0, k0 + k_len)
+            if k_len < min_length:
+                cu = (meta.row_cu_seqlens[row] if meta.row_cu_seqlens is not None else
+                      torch.tensor([[0, q_len], [0, k_len]], dtype=torch.int32, device=q.device))
+                out[rows] = flash_prefill(q[rows], k[keys], v[keys], cu[0], cu[1], causal=True, sm_scale=self.scale,
+                                          max_seqlen_q=q_len)
+                stats = dense_stats(meta.pbs, q_len, k_len, self.num_heads, q.device)
+            else:
+                o, stats = pbs_prefill(q[rows], k[keys], v[keys], meta.pbs, sm_scale=self.scale)
+                out[rows] = o
             if meta.pbs_stats is not None:
                 meta.pbs_stats.append((self.layer_idx, row, stats))
             q0, k0 = q0 + q_len, k0 + k_len
