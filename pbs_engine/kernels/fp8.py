@@ -13,7 +13,9 @@ from pbs_engine.kernels.triton_compat import tl, triton
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 MIN_AMAX = 1e-12  # the amax of an all-zero row is taken as this: a finite scale, and the row quantises to zeros
-ROW_TILE = 2048  # columns per step of the two-pass row kernel (rows of 18944 in the 7B MLP do not fit registers)
+ROW_TILE = 2048  # columns per step of the two-pass row kernels (rows of 18944 in the 7B MLP do not fit registers)
+FEW_ROWS = 64  # fewer rows than this (decode) are split over one program per column tile, in two launches, rather
+# than walked by one program each: a decode step would otherwise wait on ~20 serial tiles (a first guess, unmeasured)
 GEMM_MIN_ROWS = 16  # fp8_linear pads fewer rows (decode) with zero rows to this many before torch._scaled_mm
 FP8_UNSUPPORTED = ("quantization='fp8' (--quantization fp8) needs an NVIDIA GPU of compute capability 8.9 or newer "
                    "(Ada, Hopper, Blackwell) and a torch build with float8_e4m3fn and torch._scaled_mm; on a CPU the "
@@ -113,6 +115,25 @@ def _quantize_rows_kernel(X, Q, S, n_cols, s_x, s_q, SILU_MUL: tl.constexpr, BLO
         tl.store(Q + t * s_q + cols, _to_e4m3(v, inv_scale, FP8_MAX).to(Q.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _quantize_tiles_kernel(X, Q, S, AMAX, n_cols, s_x, s_q, PASS: tl.constexpr, SILU_MUL: tl.constexpr,
+                           BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_AMAX: tl.constexpr):
+    # Program (row t, column tile c), _quantize_rows_kernel's values split for few rows, launched twice: PASS 1
+    # folds the tile's max|v| into AMAX[t] (AMAX (T,) float32, zeroed) by an atomic max; PASS 2 recomputes v and
+    # stores Q[t, c-tile] = e4m3(v / S[t]), tile 0 also S[t] = AMAX[t] / 448.
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    v = _row_values(X, t, s_x, n_cols, cols, mask, SILU_MUL)
+    if PASS == 1:
+        tl.atomic_max(AMAX + t, tl.max(tl.abs(v), 0))
+    else:
+        scale, inv_scale = _row_scale(tl.load(AMAX + t), FP8_MAX, MIN_AMAX)
+        if tl.program_id(1) == 0:
+            tl.store(S + t, scale)
+        tl.store(Q + t * s_q + cols, _to_e4m3(v, inv_scale, FP8_MAX).to(Q.dtype.element_ty), mask=mask)
+
+
 def _quantized(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.empty(rows, cols, dtype=FP8_DTYPE, device=device),
             torch.empty(rows, 1, dtype=torch.float32, device=device))
@@ -121,11 +142,19 @@ def _quantized(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor
 def _quantize_rows_triton(x: torch.Tensor, n_cols: int, silu_mul: bool) -> tuple[torch.Tensor, torch.Tensor]:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
-    q, scale = _quantized(x2.shape[0], n_cols, x.device)
+    rows = x2.shape[0]
+    q, scale = _quantized(rows, n_cols, x.device)
     block = min(ROW_TILE, triton.next_power_of_2(n_cols))
-    _quantize_rows_kernel[(x2.shape[0],)](x2, q, scale, n_cols, x2.stride(0), q.stride(0), SILU_MUL=silu_mul,
-                                          BLOCK=block, FP8_MAX=FP8_MAX, MIN_AMAX=MIN_AMAX,
-                                          num_warps=min(8, max(1, block // 256)))
+    tiles = triton.cdiv(n_cols, block)
+    meta = dict(SILU_MUL=silu_mul, BLOCK=block, FP8_MAX=FP8_MAX, MIN_AMAX=MIN_AMAX,
+                num_warps=min(8, max(1, block // 256)))
+    if rows < FEW_ROWS and tiles > 1:
+        amax = torch.zeros(rows, dtype=torch.float32, device=x.device)
+        for step in (1, 2):
+            _quantize_tiles_kernel[(rows, tiles)](x2, q, scale, amax, n_cols, x2.stride(0), q.stride(0), PASS=step,
+                                                  **meta)
+    else:
+        _quantize_rows_kernel[(rows,)](x2, q, scale, n_cols, x2.stride(0), q.stride(0), **meta)
     return q.view(*shape[:-1], n_cols), scale.view(*shape[:-1], 1)
 
 
