@@ -1,7 +1,8 @@
 """Attention and layer kernels. Each public function runs its Triton kernel on CUDA tensors and its PyTorch
 reference (`*_ref`, same signature, the specification) otherwise, except prefill attention, whose CPU path is
-torch's SDPA (dense) or a blocked torch computation (PBS), tested against the references; `*_triton` in each module
-forces the kernel (the tests run those on CPU under TRITON_INTERPRET=1). docs/kernels.md lists them.
+torch's SDPA (dense) or a blocked torch computation (PBS), tested against the references, and fp8_linear, which is
+torch._scaled_mm on CUDA (`fp8_linear_scaled_mm` forces it); `*_triton` in each module forces the kernel (the tests
+run those on CPU under TRITON_INTERPRET=1). docs/kernels.md lists them.
 
 The names load lazily, so `pbs_engine.kernels.config` (PBSConfig) imports without torch: the CLI builds its
 --pbs-* flags from it."""
@@ -15,6 +16,10 @@ _MODULES = {
     "PBSConfig": "config",
     "flash_prefill": "flash_prefill", "flash_prefill_ref": "flash_prefill",
     "rms_norm": "fused", "rms_norm_ref": "fused", "silu_and_mul": "fused", "silu_and_mul_ref": "fused",
+    "FP8_DTYPE": "fp8", "FP8_MAX": "fp8", "FP8_UNSUPPORTED": "fp8", "supports_fp8": "fp8", "quantize_weight": "fp8",
+    "rms_norm_quant": "fp8", "rms_norm_quant_ref": "fp8", "silu_and_mul_quant": "fp8",
+    "silu_and_mul_quant_ref": "fp8", "quantize_per_token": "fp8", "quantize_per_token_ref": "fp8",
+    "fp8_linear": "fp8", "fp8_linear_ref": "fp8",
     "paged_decode": "paged_decode", "paged_decode_ref": "paged_decode",
     "pbs_prefill": "pbs_prefill", "pbs_prefill_ref": "pbs_prefill",
     "PBSSelection": "selection", "PBSStats": "selection", "pbs_select": "selection",

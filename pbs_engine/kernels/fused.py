@@ -21,11 +21,9 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 @triton.jit
-def _rms_norm_kernel(X, R, W, O, R_out, eps, n_cols, s_x, s_r, s_o, s_ro,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    # Program (row t): one row of X (T, H) with contiguous H (and of R, the residual), in one BLOCK >= H. With a
-    # residual, r = round(x + res) is written to R_out and normalised; O = round(r * rsqrt(mean(r^2) + eps)) * W.
-    t = tl.program_id(0).to(tl.int64)  # row offsets pass 2^31 elements in long prefill chunks
+def _rms_norm_row(X, R, W, R_out, t, eps, n_cols, s_x, s_r, s_ro, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    # Row t as _rms_norm_kernel describes it: (cols, mask, round(r * rsqrt(mean(r^2) + eps)) * W in float32, not
+    # yet rounded to the output dtype); shared with fp8.py's quantising kernel.
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(X + t * s_x + cols, mask=mask, other=0.0)
@@ -35,7 +33,16 @@ def _rms_norm_kernel(X, R, W, O, R_out, eps, n_cols, s_x, s_r, s_o, s_ro,
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
     w = tl.load(W + cols, mask=mask, other=0.0)
-    y = (xf * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
+    return cols, mask, (xf * rstd).to(x.dtype).to(tl.float32) * w.to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_kernel(X, R, W, O, R_out, eps, n_cols, s_x, s_r, s_o, s_ro,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (row t): one row of X (T, H) with contiguous H (and of R, the residual), in one BLOCK >= H. With a
+    # residual, r = round(x + res) is written to R_out and normalised; O = round(r * rsqrt(mean(r^2) + eps)) * W.
+    t = tl.program_id(0).to(tl.int64)  # row offsets pass 2^31 elements in long prefill chunks
+    cols, mask, y = _rms_norm_row(X, R, W, R_out, t, eps, n_cols, s_x, s_r, s_ro, HAS_RESIDUAL, BLOCK)
     tl.store(O + t * s_o + cols, y.to(O.dtype.element_ty), mask=mask)
 
 
@@ -64,15 +71,22 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _silu_and_mul_tile(X, t, s_x, n_cols, cols, mask):
+    # Columns `cols` of row t of X as _silu_and_mul_kernel describes it: silu(gate) * up in float32, not yet
+    # rounded; shared with fp8.py's quantising kernel.
+    gate = tl.load(X + t * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(X + t * s_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
 def _silu_and_mul_kernel(X, O, n_cols, s_x, s_o, BLOCK: tl.constexpr):
     # Program (row t, column tile c): X (T, 2I) rows hold gate in [0, I) and up in [I, 2I), contiguous; writes
     # O[t, c-tile] = silu(gate) * up of O (T, I), in float32 then rounded.
     t = tl.program_id(0).to(tl.int64)  # 65536 tokens x 2 x 18944 columns pass 2^31 elements
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(X + t * s_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(X + t * s_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate * tl.sigmoid(gate) * up
+    out = _silu_and_mul_tile(X, t, s_x, n_cols, cols, mask)
     tl.store(O + t * s_o + cols, out.to(O.dtype.element_ty), mask=mask)
 
 
