@@ -93,6 +93,7 @@ def run_ruler_suite(args: argparse.Namespace, out: Path) -> None:
     lengths = args.lengths or [4096]
     model_dir = resolve_model(args.model)
     max_len = server_max_len(lengths, model_dir, args.max_model_len)
-    flags = model_flags(args, skip=("attention", "enable_prefix_caching", "max_model_len"))
+    flags = ["--model", str(model_dir), *model_flags(args, skip=("model", "attention", "enable_prefix_caching",
+                                                                  "max_model_len"))]
     run_ruler(flags, model_dir, tasks, lengths, methods, args.limit, max_len, out, args.num_concurrent)
     print((out / "summary.md").read_text())

@@ -24,7 +24,7 @@ def model_flags(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> list[st
     parser = argparse.ArgumentParser(add_help=False)
     add_model_args(parser)
     flags: list[str] = []
-    for action in parser._actions:
+    for action in parser._actions:  # argparse keeps no public list of a parser's options
         value = getattr(args, action.dest, action.default)
         if action.dest in skip or value == action.default or not action.option_strings:
             continue
