@@ -166,8 +166,8 @@ def summary(results: dict) -> str:
     cells.update({(m, "mean", n): v for (m, n), v in cell_means(results).items()})
     head = ["| task | " + " | ".join(f"{n}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     samples = results["limit"] or "all"
-    lines = [f"RULER (lm-eval {results['lm_eval']}) against pbs-engine serve, model {results['model']}; "
-             f"{samples} samples per cell. Cells: accuracy % (mean prefill density of the cell's requests).", ""]
+    lines = [f"RULER (lm-eval {results['lm_eval']}) against pbs-engine serve, model {results['model']}, samples per "
+             f"cell: {samples}. Cells: accuracy % (mean prefill density of the cell's requests).", ""]
     for method, flags in results["methods"].items():
         lines += [f"{method}: serve {' '.join(flags)}", "", *head]
         for task in [*tasks, "mean"]:
