@@ -20,7 +20,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="quality of PBS against dense attention on real long text")
     p.add_argument("--suite", choices=["fidelity", "ruler"], default="fidelity",
                    help="fidelity (default): LM, attention and needle fidelity in process; ruler: RULER's offline "
-                        "tasks through lm-evaluation-harness against `pbs-engine serve` (docs/eval-ruler.md)")
+                        "tasks through lm-evaluation-harness against `pbs-engine serve` (docs/eval.md)")
     p.add_argument("--lengths", type=_ints, default=None,
                    help="sequence lengths in tokens (default: 8192; ruler: 4096)")
     p.add_argument("--tasks", default=None,
@@ -29,8 +29,9 @@ def register(sub) -> None:
     p.add_argument("--methods", default="dense,pbs,pbs-budget10",
                    help="ruler: dense, pbs, pbs-budgetNN (NN%% of the key blocks), pbs-tX (threshold X) "
                         "(default: dense,pbs,pbs-budget10)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="ruler: samples per task and length (default: all 500 that lm-eval generates)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="ruler: samples per task and length, the first N of the 500 lm-eval generates (its --limit; "
+                        "default: all 500)")
     p.add_argument("--num-concurrent", type=int, default=1,
                    help="ruler: requests lm-eval keeps in flight (default: 1, each prompt prefilled on its own)")
     p.add_argument("--thresholds", type=_floats, default=[0.8, 0.9], help="extra PBS thresholds to sweep")
@@ -86,8 +87,8 @@ def run_ruler_suite(args: argparse.Namespace, out: Path) -> None:
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         method_flags(m)  # a bad name fails before anything loads
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit} must be >= 1")
+    if args.samples is not None and args.samples < 1:
+        raise ValueError(f"--samples {args.samples} must be >= 1")
     if args.num_concurrent < 1:
         raise ValueError(f"--num-concurrent {args.num_concurrent} must be >= 1")
     lengths = args.lengths or [4096]
@@ -95,5 +96,5 @@ def run_ruler_suite(args: argparse.Namespace, out: Path) -> None:
     max_len = server_max_len(lengths, model_dir, args.max_model_len)
     flags = ["--model", str(model_dir), *model_flags(args, skip=("model", "attention", "enable_prefix_caching",
                                                                   "max_model_len"))]
-    run_ruler(flags, model_dir, tasks, lengths, methods, args.limit, max_len, out, args.num_concurrent)
+    run_ruler(flags, model_dir, tasks, lengths, methods, args.samples, max_len, out, args.num_concurrent)
     print((out / "summary.md").read_text())

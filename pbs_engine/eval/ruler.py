@@ -15,9 +15,10 @@ ESSAYS = "Paul Graham's essays (the Hugging Face dataset baber/paul_graham_essay
 DOWNLOADING_TASKS = {**dict.fromkeys(("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery",
                                       "niah_multivalue"), ESSAYS),
                      "ruler_qa_squad": "the SQuAD v2 questions", "ruler_qa_hotpot": "the HotpotQA questions"}
-DEFAULT_METHODS = ("dense", "pbs", "pbs-budget10")
 # lm-eval appends RULER's answer prefix ("The special magic number for X mentioned in the provided text is") to a
-# prompt RULER sized to fit `length` with the answer: the server gets this much room beyond the longest length
+# prompt RULER sized to fit `length` with the answer (up to 50 tokens over with Qwen2.5's tokenizer, niah_multikey_3
+# and ruler_fwe): the server gets this much room beyond the longest length, and where the model's context has no
+# such room the samples are sized this much shorter
 HEADROOM = 256
 
 
@@ -30,7 +31,7 @@ def task_names(spec: str | None) -> list[str]:
         name = given if given.startswith("niah") or given.startswith("ruler_") else f"ruler_{given}"
         if name in DOWNLOADING_TASKS:
             raise ValueError(f"--tasks {given}: lm-eval downloads {DOWNLOADING_TASKS[name]} at run time; run it with "
-                             f"lm_eval itself on a machine with network access (docs/eval-ruler.md). Offline tasks: "
+                             f"lm_eval itself on a machine with network access (docs/eval.md). Offline tasks: "
                              f"{', '.join(OFFLINE_TASKS)}")
         if name not in OFFLINE_TASKS:
             raise ValueError(f"--tasks {given}: not a RULER task of lm-eval 0.4.13; offline tasks: "
@@ -67,16 +68,30 @@ def server_max_len(lengths: list[int], model_dir: Path, max_model_len: int | Non
                          f"(max_position_embeddings in {model_dir / 'config.json'})")
     if max_model_len is not None and max_model_len < max(lengths):
         raise ValueError(f"--max-model-len {max_model_len} is shorter than the longest of --lengths ({max(lengths)})")
+    if max_model_len is not None and max_model_len <= HEADROOM:
+        raise ValueError(f"--max-model-len {max_model_len}: leaves no room for samples; RULER's answer prefix and "
+                         f"answer take up to {HEADROOM} tokens")
+    if max_model_len is not None and max_model_len > context:
+        raise ValueError(f"--max-model-len {max_model_len}: beyond the model's context of {context} tokens "
+                         f"(max_position_embeddings in {model_dir / 'config.json'})")
     return max_model_len or min(context, max(lengths) + HEADROOM)
 
 
+def sample_length(length: int, max_len: int) -> int:
+    """The length RULER sizes a cell's samples to: `length`, or less where the answer prefix and the answer would
+    not fit the server's max_len after it."""
+    return min(length, max_len - HEADROOM)
+
+
 def run_ruler(flags: list[str], model_dir: Path, tasks: list[str], lengths: list[int], methods: list[str],
-              limit: int | None, max_len: int, out_dir: Path, num_concurrent: int = 1) -> dict:
+              samples: int | None, max_len: int, out_dir: Path, num_concurrent: int = 1) -> dict:
     """Serve the model with `flags` once per method and run every (task, length) cell through lm-eval's
     local-completions model; writes results.json, summary.md and lm-eval's outputs under out_dir/raw/METHOD/."""
     lm_eval, completions_api = _import_lm_eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    loaded: dict = {}  # (task, length) -> (TaskManager, Task): built once, so every method answers the same samples
+    # every cell's samples are generated before any server starts (minutes at 32K, no GPU needed), once, so every
+    # method answers the same ones
+    loaded = {(task, n): _load_task(task, sample_length(n, max_len), model_dir) for task in tasks for n in lengths}
     cells = []
     for method in methods:
         raw = out_dir / "raw" / method
@@ -88,12 +103,11 @@ def run_ruler(flags: list[str], model_dir: Path, tasks: list[str], lengths: list
                                  num_concurrent=num_concurrent, max_retries=1, timeout=3600)
             for task in tasks:
                 for n in lengths:
-                    if (task, n) not in loaded:
-                        loaded[task, n] = _load_task(task, n, model_dir)
-                    cells.append(_run_cell(lm_eval, lm, server, *loaded[task, n], method, task, n, limit, raw))
+                    cells.append(_run_cell(lm_eval, lm, server, *loaded[task, n], method, task, n,
+                                           sample_length(n, max_len), samples, raw))
     results = {"suite": "ruler", "model": str(model_dir), "lm_eval": lm_eval.__version__, "tasks": tasks,
-               "lengths": lengths, "limit": limit, "methods": {m: method_flags(m) for m in methods},
-               "serve_flags": flags, "cells": cells}
+               "lengths": lengths, "samples": samples, "max_model_len": max_len,
+               "methods": {m: method_flags(m) for m in methods}, "serve_flags": flags, "cells": cells}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     (out_dir / "summary.md").write_text(summary(results))
     return results
@@ -129,21 +143,21 @@ def _load_task(task: str, length: int, model_dir: Path):
 
 
 def _run_cell(lm_eval, lm, server: ServedModel, manager, task_obj, method: str, task: str, length: int,
-              limit: int | None, raw: Path) -> dict:
+              sized: int, samples: int | None, raw: Path) -> dict:
     from lm_eval.utils import handle_non_serializable
 
     density_sum, requests = server.density_totals()
-    res = lm_eval.simple_evaluate(model=lm, tasks=[task_obj], task_manager=manager, limit=limit, log_samples=True,
+    res = lm_eval.simple_evaluate(model=lm, tasks=[task_obj], task_manager=manager, limit=samples, log_samples=True,
                                   bootstrap_iters=0)
     density_sum_after, requests_after = server.density_totals()
-    samples = res.pop("samples")[task]
+    logged = res.pop("samples")[task]
     stem = f"{task}_{length}"
     (raw / f"results_{stem}.json").write_text(json.dumps(res, indent=1, default=handle_non_serializable))
     (raw / f"samples_{stem}.jsonl").write_text(
-        "".join(json.dumps(s, default=handle_non_serializable) + "\n" for s in samples))
+        "".join(json.dumps(s, default=handle_non_serializable) + "\n" for s in logged))
     served = requests_after - requests
-    return {"method": method, "task": task, "length": length, "accuracy": res["results"][task][f"{length},none"],
-            "samples": len(samples), "requests": served,
+    return {"method": method, "task": task, "length": length, "sample_length": sized,
+            "accuracy": res["results"][task][f"{sized},none"], "samples": len(logged), "requests": served,
             "density": (density_sum_after - density_sum) / served if served else None}
 
 
@@ -165,9 +179,14 @@ def summary(results: dict) -> str:
     cells = {(c["method"], c["task"], c["length"]): (c["accuracy"], c["density"]) for c in results["cells"]}
     cells.update({(m, "mean", n): v for (m, n), v in cell_means(results).items()})
     head = ["| task | " + " | ".join(f"{n}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
-    samples = results["limit"] or "all"
+    samples = results["samples"] or "all"
     lines = [f"RULER (lm-eval {results['lm_eval']}) against pbs-engine serve, model {results['model']}, samples per "
              f"cell: {samples}. Cells: accuracy % (mean prefill density of the cell's requests).", ""]
+    shortened = sorted({(c["length"], c["sample_length"]) for c in results["cells"]
+                        if c["sample_length"] < c["length"]})
+    if shortened:
+        lines += ["Samples sized shorter so that the answer prefix and the answer fit the server's max_model_len "
+                  f"{results['max_model_len']}: " + ", ".join(f"{n} -> {m}" for n, m in shortened) + " tokens.", ""]
     for method, flags in results["methods"].items():
         lines += [f"{method}: serve {' '.join(flags)}", "", *head]
         for task in [*tasks, "mean"]:
