@@ -1,4 +1,5 @@
-"""`pbs-engine eval`: PBS vs dense on real long text (LM fidelity, needle retrieval, attention error) with plots."""
+"""`pbs-engine eval`: PBS vs dense on real long text (LM fidelity, needle retrieval, attention error) in process,
+or RULER through lm-evaluation-harness against `pbs-engine serve` (--suite ruler); with plots."""
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,22 @@ def _ints(s: str) -> list[int]:
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="quality of PBS against dense attention on real long text")
-    p.add_argument("--lengths", type=_ints, default=[8192], help="LM-fidelity sequence lengths (tokens)")
-    p.add_argument("--tasks", default="lm,attention,needle", help="any of lm, attention, needle")
+    p.add_argument("--suite", choices=["fidelity", "ruler"], default="fidelity",
+                   help="fidelity (default): LM, attention and needle fidelity in process; ruler: RULER's offline "
+                        "tasks through lm-evaluation-harness against `pbs-engine serve` (docs/eval.md)")
+    p.add_argument("--lengths", type=_ints, default=None,
+                   help="sequence lengths in tokens (default: 8192; ruler: 4096)")
+    p.add_argument("--tasks", default=None,
+                   help="any of lm, attention, needle (default: all); ruler: lm-eval RULER tasks (default: "
+                        "niah_single_1,niah_multikey_2,niah_multikey_3,vt,cwe,fwe)")
+    p.add_argument("--methods", default="dense,pbs,pbs-budget10",
+                   help="ruler: dense, pbs, pbs-budgetNN (NN%% of the key blocks), pbs-tX (threshold X) "
+                        "(default: dense,pbs,pbs-budget10)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="ruler: samples per task and length, the first N of the 500 lm-eval generates (its --limit; "
+                        "default: all 500)")
+    p.add_argument("--num-concurrent", type=int, default=1,
+                   help="ruler: requests lm-eval keeps in flight (default: 1, each prompt prefilled on its own)")
     p.add_argument("--thresholds", type=_floats, default=[0.8, 0.9], help="extra PBS thresholds to sweep")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FIELD:VALUE,...",
                    help="an extra PBS method: the configured PBS with these PBSConfig fields changed, e.g. "
@@ -36,10 +51,13 @@ def run(args: argparse.Namespace) -> int:
     from pbs_engine.eval.plots import plot_all
 
     out = Path(args.out)
-    if not args.plot_only:
+    if args.suite == "ruler" and not args.plot_only:
+        run_ruler_suite(args, out)
+    elif not args.plot_only:
         from pbs_engine.eval.run import run_eval
 
-        tasks = args.tasks.split(",")
+        lengths = args.lengths or [8192]
+        tasks = (args.tasks or "lm,attention,needle").split(",")
         unknown = set(tasks) - {"lm", "attention", "needle"}
         if unknown:
             raise ValueError(f"--tasks: unknown {sorted(unknown)}; choose from lm, attention, needle")
@@ -49,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             parse_variant(spec)  # a bad spec fails before the model loads
         # every method must compute every prompt itself: no K/V reused from another method's run
         llm = load_llm(args, enable_prefix_caching=False)
-        run_eval(llm, args.lengths, tasks, args.thresholds, args.needle_lengths or args.lengths, args.depths,
+        run_eval(llm, lengths, tasks, args.thresholds, args.needle_lengths or lengths, args.depths,
                  args.needle_seeds, out, args.variant)
         print((out / "summary.md").read_text())
     try:
@@ -58,3 +76,25 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print("matplotlib is not installed: figures skipped (pip install matplotlib, then --plot-only)")
     return 0
+
+
+def run_ruler_suite(args: argparse.Namespace, out: Path) -> None:
+    from pbs_engine.engine.model_source import resolve_model
+    from pbs_engine.eval.ruler import method_flags, run_ruler, server_max_len, task_names
+    from pbs_engine.eval.served import model_flags
+
+    tasks = task_names(args.tasks)
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        method_flags(m)  # a bad name fails before anything loads
+    if args.samples is not None and args.samples < 1:
+        raise ValueError(f"--samples {args.samples} must be >= 1")
+    if args.num_concurrent < 1:
+        raise ValueError(f"--num-concurrent {args.num_concurrent} must be >= 1")
+    lengths = args.lengths or [4096]
+    model_dir = resolve_model(args.model)
+    max_len = server_max_len(lengths, model_dir, args.max_model_len)
+    flags = ["--model", str(model_dir), *model_flags(args, skip=("model", "attention", "enable_prefix_caching",
+                                                                  "max_model_len"))]
+    run_ruler(flags, model_dir, tasks, lengths, methods, args.samples, max_len, out, args.num_concurrent)
+    print((out / "summary.md").read_text())

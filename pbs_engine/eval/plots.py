@@ -1,5 +1,5 @@
 """Figures from an eval's results.json (matplotlib, PNG): density by layer, NLL and needle accuracy vs threshold,
-and the speed-quality frontier."""
+the speed-quality frontier; for RULER, accuracy and prefill density vs length per method."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,9 @@ def plot_all(results_path: Path, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
+    if res.get("suite") == "ruler":
+        save(_ruler_figure(res, plt), "ruler_accuracy.png")
+        return written
     lm = res.get("lm", [])
     if lm:
         longest = max(r["tokens"] for r in lm)
@@ -69,6 +72,27 @@ def plot_all(results_path: Path, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         save(fig, "needle_vs_threshold.png")
     return written
+
+
+def _ruler_figure(res: dict, plt):
+    from pbs_engine.eval.ruler import cell_means
+
+    means, lengths = cell_means(res), res["lengths"]
+    fig, (acc, dens) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in res["methods"]:
+        acc.plot(lengths, [100 * means[method, n][0] for n in lengths], marker="o", label=method)
+        points = [(n, means[method, n][1]) for n in lengths if means[method, n][1] is not None]
+        if points:
+            dens.plot(*zip(*points), marker="o", label=method)
+    for ax in (acc, dens):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths])
+        ax.legend(fontsize=7)
+    acc.set(xlabel="context length (tokens)", ylabel="accuracy %, mean over tasks", ylim=(0, 105),
+            title=f"RULER, {len(res['tasks'])} tasks")
+    dens.set(xlabel="context length (tokens)", ylabel="mean prefill density", ylim=(0, 1.05),
+             title="share of causal attention blocks computed")
+    return fig
 
 
 def _threshold(method: str, res: dict) -> float | None:

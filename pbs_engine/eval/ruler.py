@@ -1,0 +1,207 @@
+"""RULER through lm-evaluation-harness against `pbs-engine serve`: one server per method, one lm-eval run per
+(task, length) cell, its accuracy and the mean prefill density of its requests (read from the server's /metrics)."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from pbs_engine.eval.served import ServedModel
+
+# lm-eval 0.4.13's RULER tasks that build their samples from the model's tokenizer alone
+OFFLINE_TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+ESSAYS = "Paul Graham's essays (the Hugging Face dataset baber/paul_graham_essays) for the haystack"
+DOWNLOADING_TASKS = {**dict.fromkeys(("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery",
+                                      "niah_multivalue"), ESSAYS),
+                     "ruler_qa_squad": "the SQuAD v2 questions", "ruler_qa_hotpot": "the HotpotQA questions"}
+# lm-eval appends RULER's answer prefix ("The special magic number for X mentioned in the provided text is") to a
+# prompt RULER sized to fit `length` with the answer (up to 50 tokens over with Qwen2.5's tokenizer, niah_multikey_3
+# and ruler_fwe): the server gets this much room beyond the longest length, and where the model's context has no
+# such room the samples are sized this much shorter
+HEADROOM = 256
+
+
+def task_names(spec: str | None) -> list[str]:
+    """--tasks as lm-eval names (vt, cwe and fwe may drop their ruler_ prefix); tasks needing downloads are refused."""
+    if not spec:
+        return list(OFFLINE_TASKS)
+    names = []
+    for given in filter(None, spec.split(",")):
+        name = given if given.startswith("niah") or given.startswith("ruler_") else f"ruler_{given}"
+        if name in DOWNLOADING_TASKS:
+            raise ValueError(f"--tasks {given}: lm-eval downloads {DOWNLOADING_TASKS[name]} at run time; run it with "
+                             f"lm_eval itself on a machine with network access (docs/eval.md). Offline tasks: "
+                             f"{', '.join(OFFLINE_TASKS)}")
+        if name not in OFFLINE_TASKS:
+            raise ValueError(f"--tasks {given}: not a RULER task of lm-eval 0.4.13; offline tasks: "
+                             f"{', '.join(OFFLINE_TASKS)}")
+        names.append(name)
+    return names
+
+
+def method_flags(name: str) -> list[str]:
+    """`pbs-engine serve` flags of a method: dense, pbs (as configured), pbs-budgetNN (keep NN% of the key
+    blocks), pbs-tX (threshold X)."""
+    if name in ("dense", "pbs"):
+        return ["--attention", name]
+    budget = re.fullmatch(r"pbs-budget(\d+(?:\.\d+)?)", name)
+    if budget and 0 < float(budget[1]) <= 100:
+        return ["--attention", "pbs", "--pbs-budget", f"{float(budget[1]) / 100:g}"]
+    threshold = re.fullmatch(r"pbs-t(\d*\.?\d+)", name)
+    if threshold and 0 < float(threshold[1]) <= 1:
+        return ["--attention", "pbs", "--pbs-threshold", threshold[1]]
+    raise ValueError(f"--methods {name}: choose dense, pbs, pbs-budgetNN (keep NN% of the key blocks, e.g. "
+                     f"pbs-budget10) or pbs-tX (PBS threshold X, e.g. pbs-t0.9)")
+
+
+def server_max_len(lengths: list[int], model_dir: Path, max_model_len: int | None) -> int:
+    """The server's max_model_len: the longest length plus HEADROOM, within the model's context."""
+    from pbs_engine.models.config import ModelConfig
+
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"--lengths {lengths}: give positive token counts, e.g. 4096,8192")
+    context = ModelConfig.from_dir(model_dir).max_position_embeddings
+    beyond = [n for n in lengths if n > context]
+    if beyond:
+        raise ValueError(f"--lengths {','.join(map(str, beyond))}: beyond the model's context of {context} tokens "
+                         f"(max_position_embeddings in {model_dir / 'config.json'})")
+    if max_model_len is not None and max_model_len < max(lengths):
+        raise ValueError(f"--max-model-len {max_model_len} is shorter than the longest of --lengths ({max(lengths)})")
+    if max_model_len is not None and max_model_len <= HEADROOM:
+        raise ValueError(f"--max-model-len {max_model_len}: leaves no room for samples; RULER's answer prefix and "
+                         f"answer take up to {HEADROOM} tokens")
+    if max_model_len is not None and max_model_len > context:
+        raise ValueError(f"--max-model-len {max_model_len}: beyond the model's context of {context} tokens "
+                         f"(max_position_embeddings in {model_dir / 'config.json'})")
+    return max_model_len or min(context, max(lengths) + HEADROOM)
+
+
+def sample_length(length: int, max_len: int) -> int:
+    """The length RULER sizes a cell's samples to: `length`, or less where the answer prefix and the answer would
+    not fit the server's max_len after it."""
+    return min(length, max_len - HEADROOM)
+
+
+def run_ruler(flags: list[str], model_dir: Path, tasks: list[str], lengths: list[int], methods: list[str],
+              samples: int | None, max_len: int, out_dir: Path, num_concurrent: int = 1) -> dict:
+    """Serve the model with `flags` once per method and run every (task, length) cell through lm-eval's
+    local-completions model; writes results.json, summary.md and lm-eval's outputs under out_dir/raw/METHOD/."""
+    lm_eval, completions_api = _import_lm_eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # every cell's samples are generated before any server starts (minutes at 32K, no GPU needed), once, so every
+    # method answers the same ones
+    loaded = {(task, n): _load_task(task, sample_length(n, max_len), model_dir) for task in tasks for n in lengths}
+    cells = []
+    for method in methods:
+        raw = out_dir / "raw" / method
+        serve = [*flags, *method_flags(method), "--no-enable-prefix-caching",  # each request prefills all its prompt
+                 "--max-model-len", str(max_len), "--served-model-name", method]
+        with ServedModel(serve, raw / "server.log") as server:
+            lm = completions_api(base_url=f"{server.url}/v1/completions", model=method, tokenizer=str(model_dir),
+                                 tokenizer_backend="huggingface", tokenized_requests=False, max_length=max_len,
+                                 num_concurrent=num_concurrent, max_retries=1, timeout=3600)
+            for task in tasks:
+                for n in lengths:
+                    cells.append(_run_cell(lm_eval, lm, server, *loaded[task, n], method, task, n,
+                                           sample_length(n, max_len), samples, raw))
+    results = {"suite": "ruler", "model": str(model_dir), "lm_eval": lm_eval.__version__, "tasks": tasks,
+               "lengths": lengths, "samples": samples, "max_model_len": max_len,
+               "methods": {m: method_flags(m) for m in methods}, "serve_flags": flags, "cells": cells}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "summary.md").write_text(summary(results))
+    return results
+
+
+def _import_lm_eval():
+    try:
+        import lm_eval
+        import nltk
+        import wonderwords  # noqa: F401  (cwe and the niah word keys)
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+    except ImportError as e:
+        raise OSError(f"--suite ruler needs lm-eval 0.4.13 and wonderwords: pip install 'pbs-engine[eval]' ({e})"
+                      ) from e
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:  # lm-eval fetches it when its niah module is imported; only the essay tasks split sentences
+        nltk.download = lambda *args, **kwargs: False
+    return lm_eval, LocalCompletionsAPI
+
+
+def _load_task(task: str, length: int, model_dir: Path):
+    """lm-eval's RULER task `task` with samples of `length` tokens, sized with the model's own tokenizer."""
+    import lm_eval.tasks
+    import numpy as np
+
+    random.seed(0)  # the samplers draw from the global generators
+    np.random.seed(0)
+    manager = lm_eval.tasks.TaskManager(include_defaults=False,
+                                        include_path=str(Path(lm_eval.tasks.__file__).parent / "ruler"),
+                                        metadata={"max_seq_lengths": [length], "tokenizer": str(model_dir)})
+    return manager, manager.load([task])["tasks"][task]
+
+
+def _run_cell(lm_eval, lm, server: ServedModel, manager, task_obj, method: str, task: str, length: int,
+              sized: int, samples: int | None, raw: Path) -> dict:
+    from lm_eval.utils import handle_non_serializable
+
+    density_sum, requests = server.density_totals()
+    res = lm_eval.simple_evaluate(model=lm, tasks=[task_obj], task_manager=manager, limit=samples, log_samples=True,
+                                  bootstrap_iters=0)
+    density_sum_after, requests_after = server.density_totals()
+    logged = res.pop("samples")[task]
+    stem = f"{task}_{length}"
+    (raw / f"results_{stem}.json").write_text(json.dumps(res, indent=1, default=handle_non_serializable))
+    (raw / f"samples_{stem}.jsonl").write_text(
+        "".join(json.dumps(s, default=handle_non_serializable) + "\n" for s in logged))
+    served = requests_after - requests
+    return {"method": method, "task": task, "length": length, "sample_length": sized,
+            "accuracy": res["results"][task][f"{sized},none"], "samples": len(logged), "requests": served,
+            "density": (density_sum_after - density_sum) / served if served else None}
+
+
+def cell_means(results: dict) -> dict:
+    """(method, length) -> (mean accuracy, mean density) over the tasks."""
+    out = {}
+    for method in results["methods"]:
+        for n in results["lengths"]:
+            cells = [c for c in results["cells"] if c["method"] == method and c["length"] == n]
+            densities = [c["density"] for c in cells if c["density"] is not None]
+            out[method, n] = (sum(c["accuracy"] for c in cells) / len(cells),
+                              sum(densities) / len(densities) if densities else None)
+    return out
+
+
+def summary(results: dict) -> str:
+    """One markdown table per method (accuracy % and mean prefill density per cell), then each against dense."""
+    lengths, tasks = results["lengths"], results["tasks"]
+    cells = {(c["method"], c["task"], c["length"]): (c["accuracy"], c["density"]) for c in results["cells"]}
+    cells.update({(m, "mean", n): v for (m, n), v in cell_means(results).items()})
+    head = ["| task | " + " | ".join(f"{n}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
+    samples = results["samples"] or "all"
+    lines = [f"RULER (lm-eval {results['lm_eval']}) against pbs-engine serve, model {results['model']}, samples per "
+             f"cell: {samples}. Cells: accuracy % (mean prefill density of the cell's requests).", ""]
+    shortened = sorted({(c["length"], c["sample_length"]) for c in results["cells"]
+                        if c["sample_length"] < c["length"]})
+    if shortened:
+        lines += ["Samples sized shorter so that the answer prefix and the answer fit the server's max_model_len "
+                  f"{results['max_model_len']}: " + ", ".join(f"{n} -> {m}" for n, m in shortened) + " tokens.", ""]
+    for method, flags in results["methods"].items():
+        lines += [f"{method}: serve {' '.join(flags)}", "", *head]
+        for task in [*tasks, "mean"]:
+            lines.append(f"| {task} | " + " | ".join(_cell(*cells[method, task, n]) for n in lengths) + " |")
+        lines.append("")
+    for method in results["methods"]:
+        if method == "dense" or "dense" not in results["methods"]:
+            continue
+        lines += [f"{method} minus dense, accuracy points", "", *head]
+        for task in [*tasks, "mean"]:
+            diffs = [100 * (cells[method, task, n][0] - cells["dense", task, n][0]) for n in lengths]
+            lines.append(f"| {task} | " + " | ".join(f"{d:+.1f}" for d in diffs) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(accuracy: float, density: float | None) -> str:
+    return f"{100 * accuracy:.1f} ({density:.2f})" if density is not None else f"{100 * accuracy:.1f} (-)"
