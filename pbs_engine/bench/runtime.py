@@ -32,6 +32,8 @@ def add_args(p: argparse.ArgumentParser, prefill: bool) -> None:
         p.add_argument("--tokens", type=int, default=256, help="generated tokens per sequence")
         p.add_argument("--hf-max-batch", type=int, default=1, help="largest batch also run through HF")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="our engine with FP8 weights (the HF peer stays bf16)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="prefill chunk size (default: the engine's, sized from memory)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -146,7 +148,7 @@ def run_prefill(args: argparse.Namespace) -> int:
     paper = paper_prefill(path, load_format, peer_lengths, cfg["vocab_size"], args.paper_checkout,
                           thresholds, ids_for) if args.paper_checkout else {}
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=max(lengths) + 16,
-              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=8,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=8, quantization=args.quantization,
               enable_prefix_caching=False)  # every repeat computes the whole prompt
     chunk = llm.config.max_num_batched_tokens
     weights_gb = torch.cuda.memory_allocated() / 1e9
@@ -178,7 +180,8 @@ def run_prefill(args: argparse.Namespace) -> int:
                     row["selection_share"] = prof[SELECTION_RANGE] / prof["gpu_s"]
                     row["sparse_attn_share"] = prof[ATTENTION_RANGE] / prof["gpu_s"]
             rows.append(row)
-    print_table(f"prefill TTFT, {args.model}, {torch.cuda.get_device_name()}, chunk {chunk} tokens, "
+    print_table(f"prefill TTFT, {args.model}{', fp8 weights' if args.quantization else ''}, "
+                f"{torch.cuda.get_device_name()}, chunk {chunk} tokens, "
                 f"weights+cache {weights_gb:.1f} GB", rows,
                 ["tokens", "method", "ttft_s", "gpu_s", "wall_over_gpu", "density", "selection_share",
                  "sparse_attn_share", "hf_ttft_s", "ratio_vs_hf", "paper_ttft_s", "ratio_vs_paper", "peak_gb",
@@ -212,7 +215,7 @@ def run_decode(args: argparse.Namespace) -> int:
     hf = {} if args.no_hf else hf_decode(path, load_format, [b for b in sizes if b <= args.hf_max_batch],
                                          args.context, args.tokens, cfg["vocab_size"])
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=args.context + args.tokens + 16,
-              max_num_seqs=max(sizes), attention="dense", enable_prefix_caching=False)
+              max_num_seqs=max(sizes), attention="dense", enable_prefix_caching=False, quantization=args.quantization)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
     llm.generate([{"prompt_token_ids": random_ids(args.context, cfg["vocab_size"], 0)}] * 2, params)  # warm up
     rows = []
@@ -235,7 +238,8 @@ def run_decode(args: argparse.Namespace) -> int:
         if row["batch"] == 1:
             row["bandwidth_limit_tokens_per_s"] = limit
             row["of_limit"] = row["tokens_per_s"] / limit
-    print_table(f"decode throughput, {args.model}, {torch.cuda.get_device_name()}; copy {copy_bps / 1e12:.2f} TB/s, "
+    print_table(f"decode throughput, {args.model}{', fp8 weights' if args.quantization else ''}, "
+                f"{torch.cuda.get_device_name()}; copy {copy_bps / 1e12:.2f} TB/s, "
                 f"weights {weight_bytes / 1e9:.2f} GB", rows,
                 ["batch", "context", "tokens_per_s", "bandwidth_limit_tokens_per_s", "of_limit", "hf_tokens_per_s",
                  "ratio_vs_hf"])

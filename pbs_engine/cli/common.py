@@ -23,6 +23,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output, in tokens")
     g.add_argument("--max-num-partial-prefills", type=int, default=4,
                    help="prompts prefilled side by side in one step (default: 4)")
+    g.add_argument("--quantization", "-q", choices=["fp8"], default=None,
+                   help="fp8: decoder weights in e4m3 with per-channel scales, activations quantised per token "
+                        "(GPU of compute capability >= 8.9; on CPU a slow reference path)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                    help="tokens per step, the longest prefill chunk (default: on GPU the largest of 128K..8K whose "
                         "activations fit beside the KV cache; 4096 on CPU)")
@@ -101,7 +104,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size,
                 max_num_partial_prefills=args.max_num_partial_prefills,
                 long_prefill_token_threshold=args.long_prefill_token_threshold,
-                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_batched_tokens=args.max_num_batched_tokens, quantization=args.quantization,
                 max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching,
                 chat_template=args.chat_template, kv_cache_memory=args.kv_cache_memory,
                 num_kv_blocks=args.num_kv_blocks)
@@ -115,8 +118,9 @@ def load_llm(args: argparse.Namespace, **overrides):
     print(f"pbs-engine: loading model {args.model or DEFAULT_MODEL}", file=sys.stderr, flush=True)
     start = time.monotonic()
     llm = LLM(**{**llm_kwargs(args), **overrides})
+    weights = "fp8 (e4m3) weights, " if llm.config.quantization == "fp8" else ""
     print(f"pbs-engine: model loaded in {time.monotonic() - start:.1f}s ({llm.config.device}, {llm.config.dtype}, "
-          f"max_model_len {llm.config.max_model_len})", file=sys.stderr, flush=True)
+          f"{weights}max_model_len {llm.config.max_model_len})", file=sys.stderr, flush=True)
     return llm
 
 

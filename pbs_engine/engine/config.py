@@ -35,6 +35,9 @@ class EngineConfig:
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
     attention: str = "pbs"  # prefill attention: "pbs" | "dense"
+    quantization: str | None = None  # "fp8": decoder projections in e4m3 with per-channel weight scales, inputs
+    # quantised per token inside RMSNorm / SiLU-and-mul, GEMMs by torch._scaled_mm (CUDA, compute capability >= 8.9;
+    # on the CPU a dequantising reference path, slow); None: the weights' dtype
     pbs: PBSConfig = field(default_factory=PBSConfig)
     max_model_len: int | None = None  # None: the model's max_position_embeddings (shrunk to what the cache holds)
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory (CPU) or free GPU memory
@@ -76,6 +79,8 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.attention not in ("pbs", "dense"):
             raise ValueError(f"attention={self.attention!r}: choose 'pbs' or 'dense'")
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization={self.quantization!r}: choose 'fp8' or leave it unset")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={self.load_format!r}: choose 'auto' or 'dummy'")
         if isinstance(self.pbs, dict):

@@ -193,4 +193,8 @@ class LLMEngine:
             "oldest_waiting_s": self._oldest_waiting(),
             "prefix_cache_hit_rate": self.blocks.hits / self.blocks.queries if self.blocks.queries else 0.0,
             "max_model_len": self.config.max_model_len,
+            "max_num_batched_tokens": self.config.max_num_batched_tokens,
+            "dtype": self.config.dtype,
+            "weight_dtype": "float8_e4m3fn" if self.config.quantization == "fp8" else self.config.dtype,
+            "kv_cache_dtype": self.config.dtype,
         }

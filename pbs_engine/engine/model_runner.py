@@ -59,8 +59,13 @@ class ModelRunner:
         self.max_model_len_from_model = max_model_len_from_model
         self.tp = tp
         self.device = device or torch.device(config.device)
+        if config.quantization == "fp8" and self.device.type == "cuda":
+            from pbs_engine.kernels import FP8_UNSUPPORTED, supports_fp8
+
+            if not supports_fp8(self.device):
+                raise ValueError(FP8_UNSUPPORTED)
         self.model = build_model(model_dir, self.device, config.torch_dtype, config.max_model_len,
-                                 config.load_format, tp, model_config)
+                                 config.load_format, tp, model_config, config.quantization)
         self.model_config = self.model.config
         self.sampler = Sampler(self.device)
         self.num_kv_blocks = self._allocate_kv_cache()

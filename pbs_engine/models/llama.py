@@ -51,13 +51,14 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate, [hidden], in_source=mine, tp=tp)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or len(x) <= CPU_MLP_ROWS:
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x, or (e4m3 rows, per-token scales) from a quantising RMSNorm (FP8)."""
+        rows = x[0] if isinstance(x, tuple) else x
+        if rows.is_cuda or len(rows) <= CPU_MLP_ROWS:
             return self.down_proj(self.act(self.gate_up_proj(x)))
-        out = torch.empty_like(x)
-        for r in range(0, len(x), CPU_MLP_ROWS):
-            out[r:r + CPU_MLP_ROWS] = self.forward(x[r:r + CPU_MLP_ROWS])
-        return out
+        parts = [self.forward(tuple(t[r:r + CPU_MLP_ROWS] for t in x) if isinstance(x, tuple) else
+                              x[r:r + CPU_MLP_ROWS]) for r in range(0, len(rows), CPU_MLP_ROWS)]
+        return torch.cat(parts)
 
 
 class DecoderLayer(nn.Module):
@@ -117,6 +118,18 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def quantize_fp8(self) -> None:
+        """FP8 (W8A8) decoder layers: every projection's weight to e4m3 with per-channel scales, and the RMSNorms
+        and SiLU-and-mul before them emit e4m3 rows with per-token scales (the attention output is quantised by
+        o_proj itself). Embeddings and the LM head stay in the model's dtype."""
+        for layer in self.model.layers:
+            for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                           layer.mlp.down_proj):
+                linear.quantize_fp8()
+            layer.input_layernorm.quantize_output = True
+            layer.post_attention_layernorm.quantize_output = True
+            layer.mlp.act.quantize_output = True
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -127,10 +127,11 @@ def _destination(model, params, modules, name: str, path: Path) -> tuple[str, to
 
 
 def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, max_position: int,
-                load_format: str = "auto", tp: TensorParallel = SINGLE, config: ModelConfig | None = None
-                ) -> LlamaForCausalLM:
+                load_format: str = "auto", tp: TensorParallel = SINGLE, config: ModelConfig | None = None,
+                quantization: str | None = None) -> LlamaForCausalLM:
     """Instantiate the architecture config.json names directly on `device` in `dtype`, then load its weights
-    ("auto"), or fill them with random values ("dummy": config.json alone suffices; for speed runs, never quality)."""
+    ("auto"), or fill them with random values ("dummy": config.json alone suffices; for speed runs, never quality);
+    quantization "fp8": the decoder's projections in e4m3 (LlamaForCausalLM.quantize_fp8)."""
     model_dir = Path(model_dir)
     checkpoint = {f: read_safetensors_header(f) for f in checkpoint_files(model_dir)} if load_format == "auto" else {}
     cfg = config or ModelConfig.from_dir(model_dir)  # the engine passes the one it read
@@ -145,6 +146,8 @@ def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
         randomise(model)
     else:
         load_weights(model, checkpoint, device)
+    if quantization == "fp8":
+        model.quantize_fp8()
     return model.eval()
 
 

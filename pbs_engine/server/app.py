@@ -89,7 +89,10 @@ def create_app(engine_or_llm, served_model_name: str, api_key: str | None = None
     @v1.get("/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": created,
-                                            "owned_by": "pbs-engine", "max_model_len": engine.config.max_model_len}]}
+                                            "owned_by": "pbs-engine", "max_model_len": engine.config.max_model_len,
+                                            "dtype": engine.config.dtype,
+                                            "quantization": engine.config.quantization,
+                                            "kv_cache_dtype": engine.config.dtype}]}
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -1,12 +1,17 @@
-"""SiLU-and-mul for the gated MLP."""
+"""SiLU-and-mul for the gated MLP; with `quantize_output` (an FP8 down projection) the product comes out as e4m3
+with one scale per token, quantised inside the same kernel."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pbs_engine.kernels import silu_and_mul
+from pbs_engine.kernels import silu_and_mul, silu_and_mul_quant
 
 
 class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)
+    def __init__(self):
+        super().__init__()
+        self.quantize_output = False  # set by quantize_fp8
+
+    def forward(self, x: torch.Tensor):
+        return silu_and_mul_quant(x) if self.quantize_output else silu_and_mul(x)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pbs_engine.kernels import fp8_linear, quantize_per_token, quantize_weight
 from pbs_engine.models.layers.parallel import SINGLE, TensorParallel
 
 
@@ -26,6 +27,15 @@ class Linear(nn.Module):
         in_local = in_features if in_source is None else in_source.stop - in_source.start
         self.weight = nn.Parameter(torch.empty(sum(self.output_sizes), in_local), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(sum(self.output_sizes)), requires_grad=False) if bias else None
+        self.weight_scale: torch.Tensor | None = None  # FP8: (out,) float32, weight = e4m3 weight x scale per row
+
+    @torch.no_grad()
+    def quantize_fp8(self) -> None:
+        """Weights to e4m3 with one scale per output channel (W8A8: inputs are quantised per token)."""
+        self.out_dtype = self.weight.dtype
+        w_fp8, scale = quantize_weight(self.weight.data)
+        self.weight = nn.Parameter(w_fp8, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
 
     def shard_rows(self, shard: int) -> slice:
         """The rows of the weight (and bias) that checkpoint projection `shard` fills."""
@@ -42,8 +52,18 @@ class Linear(nn.Module):
             return rows, self.in_source
         return (rows,)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x, bias):
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, bias)
+        x_fp8, x_scale = x if isinstance(x, tuple) else quantize_per_token(x)  # a fused producer quantised already
+        shape = x_fp8.shape
+        y = fp8_linear(x_fp8.reshape(-1, shape[-1]), x_scale.reshape(-1, 1), self.weight, self.weight_scale, bias,
+                       out_dtype=self.out_dtype)
+        return y.view(*shape[:-1], -1)
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x, or with FP8 weights an (e4m3 rows, per-token scales) pair from a quantising producer."""
         if self.in_source is None:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))  # row parallel: the bias is added once, after the sum
+            return self._matmul(x, self.bias)
+        y = self.tp.all_reduce(self._matmul(x, None))  # row parallel: the bias is added once, after the sum
         return y if self.bias is None else y + self.bias

@@ -1,10 +1,11 @@
-"""RMSNorm with an optional fused residual add."""
+"""RMSNorm with an optional fused residual add; with `quantize_output` (FP8 linear layers after it) the normalised
+rows come out as e4m3 with one scale per token, quantised inside the same kernel."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pbs_engine.kernels import rms_norm
+from pbs_engine.kernels import rms_norm, rms_norm_quant
 
 
 class RMSNorm(nn.Module):
@@ -12,7 +13,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.quantize_output = False  # set by quantize_fp8: the next layer takes (e4m3 rows, per-token scales)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Returns norm(x), or (norm(x + residual), x + residual) when a residual is given."""
-        return rms_norm(x, self.weight, self.eps, residual)
+        """Returns norm(x), or (norm(x + residual), x + residual) when a residual is given; norm(x) is an
+        (e4m3, scale) pair when quantize_output is set."""
+        if not self.quantize_output:
+            return rms_norm(x, self.weight, self.eps, residual)
+        out = rms_norm_quant(x, self.weight, self.eps, residual)
+        return (out[0], out[1]) if residual is None else ((out[0], out[1]), out[2])
