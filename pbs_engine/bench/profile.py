@@ -39,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
         out = llm.generate(prompt, params)[0]
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    from pbs_engine.kernels.pbs_prefill import ATTENTION_RANGE, SELECTION_RANGE
+
+    # kernels only: the PBS ranges' GPU-side annotations span their kernels and would count them twice
+    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"
+              and e.key not in (SELECTION_RANGE, ATTENTION_RANGE)]
     gpu = sum(e.device_time_total for e in events) / 1e6
     rows = [{"kernel": e.key[:70], "calls": e.count, "gpu_s": e.device_time_total / 1e6,
              "share": e.device_time_total / 1e6 / gpu} for e in sorted(events, key=lambda e: -e.device_time_total)]

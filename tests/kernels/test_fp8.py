@@ -20,7 +20,17 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # bfloat16 by truncation (triton 3.9), so bfloat16 inputs, whose kernels round intermediates, run compiled only.
 KERNEL_DEVICES = ["cpu"] if INTERPRETED else ["cuda"] if torch.cuda.is_available() else []
 KERNEL_CASES = [(d, dtype) for d in KERNEL_DEVICES for dtype in [torch.float32] + [torch.bfloat16] * (d == "cuda")]
-GEMM_DEVICES = ["cpu"] + (["cuda"] if supports_fp8("cuda") else [])
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU torch._scaled_mm takes row-wise scales (2.13 does; 2.11 only per-tensor)."""
+    x = torch.zeros(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(x, x.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
+GEMM_DEVICES = (["cpu"] if _cpu_rowwise_scaled_mm() else []) + (["cuda"] if supports_fp8("cuda") else [])
 
 
 @pytest.fixture(params=["one program per row", "rows split over tiles"])
@@ -188,13 +198,15 @@ def test_scaled_mm_path_matches_reference(device, rows, with_bias):
 
 @pytest.mark.parametrize("device", GEMM_DEVICES)
 def test_scaled_mm_path_adds_the_bias_to_a_float32_output(device):
-    """torch._scaled_mm takes no bias with a float32 output on CUDA: it is added after."""
+    """torch._scaled_mm takes no bias with a float32 output on CUDA: it is added after. Float32 outputs differ
+    from the reference by summation order (tensor cores sum in their own order): 1e-3 relative (measured on an
+    H200: within that, not within 1e-5)."""
     _, _, (xq, xs), (wq, ws) = quantised_operands(20, seed=21)
     bias = rand(48, seed=23, dtype=torch.bfloat16)
     out = fp8_linear_scaled_mm(xq.to(device), xs.to(device), wq.to(device), ws.to(device), bias.to(device),
                                out_dtype=torch.float32)
-    torch.testing.assert_close(out.cpu(), fp8_linear_ref(xq, xs, wq, ws, bias, out_dtype=torch.float32),
-                               rtol=1e-5, atol=1e-4)
+    want = fp8_linear_ref(xq, xs, wq, ws, bias, out_dtype=torch.float32)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
 def test_fp8_linear_runs_the_reference_on_cpu():
