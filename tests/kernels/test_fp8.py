@@ -216,3 +216,18 @@ def test_fp8_linear_runs_the_reference_on_cpu():
 
 def test_supports_fp8_is_false_on_cpu():
     assert not supports_fp8("cpu") and not supports_fp8(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not KERNEL_DEVICES, reason="needs TRITON_INTERPRET=1 or a GPU")
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_skinny_fp8_kernel_matches_reference(rows, with_bias):
+    """The decode-sized FP8 GEMM (weights streamed once, e4m3 widened to bf16 exactly, float32 accumulation)
+    against the dequantised float32 reference: only the summation order differs."""
+    device = KERNEL_DEVICES[0]
+    _, _, (xq, xs), (wq, ws) = quantised_operands(rows, seed=30, k=200, n=40)  # K, N not multiples of the tiles
+    bias = rand(40, seed=31) if with_bias else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out = fp8.fp8_linear_skinny(to(xq), to(xs), to(wq), to(ws), to(bias), out_dtype=torch.float32)
+    want = fp8_linear_ref(xq, xs, wq, ws, bias, out_dtype=torch.float32)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
