@@ -193,6 +193,14 @@ def run_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+def copy_bandwidth(nbytes: int = 1 << 32, reps: int = 10) -> float:
+    """Device-to-device copy rate in bytes/s, read and write counted (the ceiling of a weight-streaming step)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * nbytes * reps / wall_s(lambda: [dst.copy_(src) for _ in range(reps)])
+
+
 def hf_decode(path: str, load_format: str, batch_sizes: list[int], context: int, tokens: int, vocab: int):
     model = _hf_model(path, load_format)
     rows = {}
@@ -229,10 +237,7 @@ def run_decode(args: argparse.Namespace) -> int:
                      "ratio_vs_hf": tps / hf[b] if hf.get(b) else None})
     # batch 1 reads every weight once per token: its ceiling is the copy bandwidth over the weights' bytes
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.model.parameters())
-    src = torch.empty(1 << 32, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_bps = 2 * src.numel() / wall_s(lambda: [dst.copy_(src) for _ in range(10)]) * 10
-    del src, dst
+    copy_bps = copy_bandwidth()
     limit = copy_bps / weight_bytes
     for row in rows:
         if row["batch"] == 1:
