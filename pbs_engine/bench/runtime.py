@@ -34,6 +34,7 @@ def add_args(p: argparse.ArgumentParser, prefill: bool) -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="our engine with FP8 weights (the HF peer stays bf16)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="our engine's KV cache dtype")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="prefill chunk size (default: the engine's, sized from memory)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -149,6 +150,7 @@ def run_prefill(args: argparse.Namespace) -> int:
                           thresholds, ids_for) if args.paper_checkout else {}
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=max(lengths) + 16,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=8, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype,
               enable_prefix_caching=False)  # every repeat computes the whole prompt
     chunk = llm.config.max_num_batched_tokens
     weights_gb = torch.cuda.memory_allocated() / 1e9
@@ -223,7 +225,8 @@ def run_decode(args: argparse.Namespace) -> int:
     hf = {} if args.no_hf else hf_decode(path, load_format, [b for b in sizes if b <= args.hf_max_batch],
                                          args.context, args.tokens, cfg["vocab_size"])
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=args.context + args.tokens + 16,
-              max_num_seqs=max(sizes), attention="dense", enable_prefix_caching=False, quantization=args.quantization)
+              max_num_seqs=max(sizes), attention="dense", enable_prefix_caching=False, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
     llm.generate([{"prompt_token_ids": random_ids(args.context, cfg["vocab_size"], 0)}] * 2, params)  # warm up
     rows = []

@@ -26,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantization", "-q", choices=["fp8"], default=None,
                    help="fp8: decoder weights in e4m3 with per-channel scales, activations quantised per token "
                         "(GPU of compute capability >= 8.9; on CPU a slow reference path)")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"], default="auto",
+                   help="fp8: the KV cache in e4m3 with a scale per token and head, about twice the tokens "
+                        "(default auto: the model's dtype)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                    help="tokens per step, the longest prefill chunk (default: on GPU the largest of 128K..8K whose "
                         "activations fit beside the KV cache; 4096 on CPU)")
@@ -105,6 +108,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 max_num_partial_prefills=args.max_num_partial_prefills,
                 long_prefill_token_threshold=args.long_prefill_token_threshold,
                 max_num_batched_tokens=args.max_num_batched_tokens, quantization=args.quantization,
+                kv_cache_dtype=args.kv_cache_dtype,
                 max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching,
                 chat_template=args.chat_template, kv_cache_memory=args.kv_cache_memory,
                 num_kv_blocks=args.num_kv_blocks)
@@ -118,7 +122,8 @@ def load_llm(args: argparse.Namespace, **overrides):
     print(f"pbs-engine: loading model {args.model or DEFAULT_MODEL}", file=sys.stderr, flush=True)
     start = time.monotonic()
     llm = LLM(**{**llm_kwargs(args), **overrides})
-    weights = "fp8 (e4m3) weights, " if llm.config.quantization == "fp8" else ""
+    weights = ("fp8 (e4m3) weights, " if llm.config.quantization == "fp8" else "") + (
+        "fp8 KV cache, " if llm.config.kv_cache_dtype == "fp8" else "")
     print(f"pbs-engine: model loaded in {time.monotonic() - start:.1f}s ({llm.config.device}, {llm.config.dtype}, "
           f"{weights}max_model_len {llm.config.max_model_len})", file=sys.stderr, flush=True)
     return llm

@@ -38,6 +38,8 @@ class EngineConfig:
     quantization: str | None = None  # "fp8": decoder projections in e4m3 with per-channel weight scales, inputs
     # quantised per token inside RMSNorm / SiLU-and-mul, GEMMs by torch._scaled_mm (CUDA, compute capability >= 8.9;
     # on the CPU a dequantising reference path, slow); None: the weights' dtype
+    kv_cache_dtype: str = "auto"  # "fp8": the paged KV cache in e4m3 with a float32 scale per (token, KV head),
+    # about half the bytes of bf16 (twice the tokens); "auto": the model's dtype
     pbs: PBSConfig = field(default_factory=PBSConfig)
     max_model_len: int | None = None  # None: the model's max_position_embeddings (shrunk to what the cache holds)
     num_kv_blocks: int | None = None  # None: sized from kv_cache_memory (CPU) or free GPU memory
@@ -81,6 +83,10 @@ class EngineConfig:
             raise ValueError(f"attention={self.attention!r}: choose 'pbs' or 'dense'")
         if self.quantization not in (None, "fp8"):
             raise ValueError(f"quantization={self.quantization!r}: choose 'fp8' or leave it unset")
+        if self.kv_cache_dtype == "fp8_e4m3":
+            self.kv_cache_dtype = "fp8"
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: choose 'auto' or 'fp8'")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={self.load_format!r}: choose 'auto' or 'dummy'")
         if isinstance(self.pbs, dict):

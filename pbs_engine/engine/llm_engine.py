@@ -196,5 +196,5 @@ class LLMEngine:
             "max_num_batched_tokens": self.config.max_num_batched_tokens,
             "dtype": self.config.dtype,
             "weight_dtype": "float8_e4m3fn" if self.config.quantization == "fp8" else self.config.dtype,
-            "kv_cache_dtype": self.config.dtype,
+            "kv_cache_dtype": "float8_e4m3fn" if self.config.kv_cache_dtype == "fp8" else self.config.dtype,
         }

@@ -76,10 +76,15 @@ class ModelRunner:
                                        config.kv_block_size, self.device)
 
     def kv_bytes_per_block(self) -> int:
+        """K and V of one block over all layers; an FP8 cache: one byte per element and a float32 scale per
+        (token, head)."""
         cfg = self.model_config
         attn = self.model.attention_layers()[0]
-        elem = torch.empty(0, dtype=self.config.torch_dtype).element_size()
-        return 2 * cfg.num_hidden_layers * self.config.kv_block_size * attn.num_kv_heads * cfg.head_dim * elem
+        if self.config.kv_cache_dtype == "fp8":
+            per_head = cfg.head_dim + 4
+        else:
+            per_head = cfg.head_dim * torch.empty(0, dtype=self.config.torch_dtype).element_size()
+        return 2 * cfg.num_hidden_layers * self.config.kv_block_size * attn.num_kv_heads * per_head
 
     def prefill_memory(self, chunk: int, context: int) -> int:
         """Bytes one prefill step of `chunk` tokens over a `context`-token context needs beyond the weights and the
@@ -146,10 +151,19 @@ class ModelRunner:
         attn = self.model.attention_layers()[0]
         # one extra block at the end: scratch space for the padding rows of CUDA-graph decode batches
         shape = (cfg.num_hidden_layers, num_blocks + 1, conf.kv_block_size, attn.num_kv_heads, cfg.head_dim)
-        self.k_cache = torch.empty(shape, dtype=conf.torch_dtype, device=self.device)
-        self.v_cache = torch.empty(shape, dtype=conf.torch_dtype, device=self.device)
+        fp8 = conf.kv_cache_dtype == "fp8"
+        cache_dtype = torch.float8_e4m3fn if fp8 else conf.torch_dtype
+        self.k_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=cache_dtype, device=self.device)
+        if fp8:  # scales start at zero: the scratch block's padding rows then read as zeros, never as NaN
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=self.device)
+            self.k_cache.view(torch.uint8).zero_()
+            self.v_cache.view(torch.uint8).zero_()
         for i, layer in enumerate(self.model.attention_layers()):
             layer.k_cache, layer.v_cache = self.k_cache[i], self.v_cache[i]
+            if fp8:
+                layer.k_scale, layer.v_scale = self.k_scale[i], self.v_scale[i]
         return num_blocks
 
     # ---- rank 0: batch -> StepInput, logits -> tokens -------------------------------------------------------------

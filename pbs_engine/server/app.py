@@ -92,7 +92,8 @@ def create_app(engine_or_llm, served_model_name: str, api_key: str | None = None
                                             "owned_by": "pbs-engine", "max_model_len": engine.config.max_model_len,
                                             "dtype": engine.config.dtype,
                                             "quantization": engine.config.quantization,
-                                            "kv_cache_dtype": engine.config.dtype}]}
+                                            "kv_cache_dtype": "float8_e4m3fn" if engine.config.kv_cache_dtype ==
+                                            "fp8" else engine.config.dtype}]}
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pbs_engine.kernels import PBSConfig, flash_prefill, paged_decode, pbs_prefill
+from pbs_engine.kernels.paged_decode import dequantize_kv, quantize_kv
 from pbs_engine.kernels.selection import dense_stats
 
 
@@ -41,7 +42,10 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Attention over q/k/v already projected and rotated. `k_cache`/`v_cache`: (num_blocks, page, Hkv, D)."""
+    """Attention over q/k/v already projected and rotated. `k_cache`/`v_cache`: (num_blocks, page, Hkv, D), in the
+    model's dtype, or e4m3 with one float32 scale per (token, head) in `k_scale`/`v_scale` (num_blocks, page, Hkv)
+    for an FP8 cache: written quantised, dequantised where read (the decode kernel, the gathered prefix of a
+    chunked prefill, so dense and PBS prefill and PBS selection see it in the model's dtype)."""
 
     def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -52,40 +56,53 @@ class Attention(nn.Module):
         self.scale = head_dim ** -0.5
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None  # FP8 cache only
+        self.v_scale: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.k_cache is not None and meta.slot_mapping is not None:
             flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
             flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-            flat_k[meta.slot_mapping] = k.to(flat_k.dtype)
-            flat_v[meta.slot_mapping] = v.to(flat_v.dtype)
+            if self.k_scale is None:
+                flat_k[meta.slot_mapping] = k.to(flat_k.dtype)
+                flat_v[meta.slot_mapping] = v.to(flat_v.dtype)
+            else:
+                for x, flat, scales in ((k, flat_k, self.k_scale), (v, flat_v, self.v_scale)):
+                    x8, sc = quantize_kv(x)
+                    flat[meta.slot_mapping] = x8
+                    scales.view(-1, self.num_kv_heads)[meta.slot_mapping] = sc
+        scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         if not meta.is_prefill:
-            return paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, sm_scale=self.scale)
+            return paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, sm_scale=self.scale,
+                                **scales)
         nd = meta.num_decode_tokens
         if nd == 0:
             return self._prefill(q, k, v, meta)
         out = torch.empty_like(q)
         out[:nd] = paged_decode(q[:nd], self.k_cache, self.v_cache, meta.block_tables[:nd], meta.context_lens,
-                                sm_scale=self.scale)
+                                sm_scale=self.scale, **scales)
         out[nd:] = self._prefill(q[nd:], k[nd:], v[nd:], meta)
         return out
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if meta.has_prefix:
-            k, v = self._gather_context(meta)
+            k, v = self._gather_context(meta, q.dtype)
         if meta.prefill_method == "pbs":
             return self._pbs(q, k, v, meta)
         return flash_prefill(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True, sm_scale=self.scale,
                              max_seqlen_q=max(meta.seq_lens_q))
 
-    def _gather_context(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each prefill sequence's whole context (cached prefix + this chunk) from the paged cache, packed varlen."""
+    def _gather_context(self, meta: AttentionMetadata, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each prefill sequence's whole context (cached prefix + this chunk) from the paged cache, packed varlen,
+        in `dtype` (an FP8 cache dequantised)."""
         page = self.k_cache.shape[1]
         ks, vs = [], []
         for i, kv_len in enumerate(meta.seq_lens_k):
             blocks = meta.block_tables[meta.num_decode_tokens + i, : (kv_len + page - 1) // page].long()
-            ks.append(self.k_cache[blocks].flatten(0, 1)[:kv_len])
-            vs.append(self.v_cache[blocks].flatten(0, 1)[:kv_len])
+            for cache, scale, out in ((self.k_cache, self.k_scale, ks), (self.v_cache, self.v_scale, vs)):
+                rows = cache[blocks].flatten(0, 1)[:kv_len]
+                out.append(dequantize_kv(rows, None if scale is None else scale[blocks].flatten(0, 1)[:kv_len],
+                                         dtype))
         return torch.cat(ks), torch.cat(vs)
 
     def _pbs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
