@@ -96,7 +96,11 @@ def paper_prefill(path: str, load_format: str, lengths: list[int], vocab: int, c
     """TTFT of the paper's own PBS (github:xinghaow99/pbs-attn, imported from `checkout`, patched into HF
     transformers' attention as its README shows), per length and threshold."""
     import sys
+    from pathlib import Path
 
+    if not (Path(checkout) / "pbs_attn" / "patch" / "huggingface.py").is_file():
+        raise ValueError(f"--paper-checkout {checkout}: no pbs_attn/patch/huggingface.py there; give a checkout of "
+                         "github:xinghaow99/pbs-attn")
     sys.path.insert(0, checkout)
     from pbs_attn.patch.huggingface import apply_patch_with_prefill, get_permuted_block_sparse_attn_fwd
 
