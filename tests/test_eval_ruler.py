@@ -105,3 +105,25 @@ def test_the_summary_names_the_lengths_whose_samples_were_shortened():
                     "lengths": [4096, 32768], "methods": {"dense": ["--attention", "dense"]}, "cells": cells})
     assert "max_model_len 32768: 32768 -> 32512 tokens" in text and "4096 ->" not in text
     assert "| ruler_vt | 50.0 (1.00) | 50.0 (1.00) |" in text
+
+
+def test_samples_are_generated_once_then_read_from_the_cache(smollm2_path, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="needs the eval extra: pip install -e '.[eval]'")
+    from pbs_engine.eval import ruler as ruler_mod
+
+    monkeypatch.setenv("PBS_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    ruler_mod._import_lm_eval()
+    first = ruler_mod.load_tasks(["ruler_vt"], [1024], smollm2_path, 2)
+    assert ruler_mod.sample_cache("ruler_vt", 1024, smollm2_path, 2).is_dir()
+
+    def generate(*args):
+        raise AssertionError("a cached cell was generated again")
+
+    monkeypatch.setattr(ruler_mod, "_generate_cell", generate)
+    again = ruler_mod.load_tasks(["ruler_vt"], [1024], smollm2_path, 2)
+    _, direct = ruler_mod._load_task("ruler_vt", 1024, smollm2_path)  # what lm-eval generates itself
+    docs = [list(t[1].test_docs()) for t in (first["ruler_vt", 1024], again["ruler_vt", 1024])]
+    assert len(docs[0]) == 2 and docs[0] == docs[1] == list(direct.test_docs())[:2]
+    assert ruler_mod.sample_cache("ruler_vt", 1024, smollm2_path, 3) != ruler_mod.sample_cache(
+        "ruler_vt", 1024, smollm2_path, 2)

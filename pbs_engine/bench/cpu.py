@@ -3,6 +3,8 @@ pass of HF transformers (SDPA attention, float32) on the same tokens, same threa
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 
 import torch
 
@@ -14,7 +16,7 @@ METHODS = ("dense", "pbs")
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="any --model of the engine (default: the embedded SmolLM2-135M)")
     p.add_argument("--length", type=int, default=4096, help="prompt tokens (default: 4096)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per method, interleaved; the fastest counts")
+    p.add_argument("--repeats", type=int, default=5, help="runs per method, interleaved; the median counts")
     p.add_argument("--threads", type=int, default=2, help="torch threads for both engines (default: 2)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -64,13 +66,17 @@ def run(args: argparse.Namespace) -> int:
                 runs[m].append(ours(m))
             if hf is not None:
                 hf_runs.append(wall_s(lambda: hf(prompt, logits_to_keep=1)))
-    hf_s = min(hf_runs) if hf_runs else None
-    rows = [{"method": m, "tokens": args.length, "ours_s": min(runs[m]), "hf_s": hf_s,
-             "hf_over_ours": hf_s / min(runs[m]) if hf_s else None, "tok_per_s": args.length / min(runs[m])}
+    med = statistics.median
+    hf_s = med(hf_runs) if hf_runs else None
+    rows = [{"method": m, "tokens": args.length, "ours_s": med(runs[m]), "hf_s": hf_s,
+             "hf_over_ours": hf_s / med(runs[m]) if hf_s else None, "tok_per_s": args.length / med(runs[m]),
+             "ours_min_s": min(runs[m]), "hf_min_s": min(hf_runs) if hf_runs else None,
+             "load_average": os.getloadavg()[0]}
             for m in METHODS]
-    print_table(f"CPU prefill TTFT, {path.name}, {args.length} tokens, {args.threads} threads, float32, best of "
-           f"{args.repeats}; hf_over_ours > 1: pbs-engine is faster", rows,
-           ["method", "tokens", "ours_s", "hf_s", "hf_over_ours", "tok_per_s"])
+    print_table(f"CPU prefill TTFT, {path.name}, {args.length} tokens, {args.threads} threads, float32, median of "
+                f"{args.repeats} interleaved runs (load average {os.getloadavg()[0]:.2f} of {os.cpu_count()} CPUs)"
+                "; hf_over_ours > 1: pbs-engine is faster", rows,
+                ["method", "tokens", "ours_s", "hf_s", "hf_over_ours", "tok_per_s", "ours_min_s", "hf_min_s"])
     write_json(args.json, rows)
     return 0
 

@@ -2,9 +2,15 @@
 (task, length) cell, its accuracy and the mean prefill density of its requests (read from the server's /metrics)."""
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
+import multiprocessing
+import os
 import random
 import re
+import shutil
+import sys
 from pathlib import Path
 
 from pbs_engine.eval.served import ServedModel
@@ -20,6 +26,7 @@ DOWNLOADING_TASKS = {**dict.fromkeys(("niah_single_2", "niah_single_3", "niah_mu
 # and ruler_fwe): the server gets this much room beyond the longest length, and where the model's context has no
 # such room the samples are sized this much shorter
 HEADROOM = 256
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def task_names(spec: str | None) -> list[str]:
@@ -89,9 +96,9 @@ def run_ruler(flags: list[str], model_dir: Path, tasks: list[str], lengths: list
     local-completions model; writes results.json, summary.md and lm-eval's outputs under out_dir/raw/METHOD/."""
     lm_eval, completions_api = _import_lm_eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    # every cell's samples are generated before any server starts (minutes at 32K, no GPU needed), once, so every
-    # method answers the same ones
-    loaded = {(task, n): _load_task(task, sample_length(n, max_len), model_dir) for task in tasks for n in lengths}
+    # every cell's samples are generated before any server starts, once, so every method answers the same ones
+    loaded = load_tasks(tasks, [sample_length(n, max_len) for n in lengths], model_dir, samples)
+    loaded = {(task, n): loaded[task, sample_length(n, max_len)] for task in tasks for n in lengths}
     cells = []
     for method in methods:
         raw = out_dir / "raw" / method
@@ -127,6 +134,73 @@ def _import_lm_eval():
     except LookupError:  # lm-eval fetches it when its niah module is imported; only the essay tasks split sentences
         nltk.download = lambda *args, **kwargs: False
     return lm_eval, LocalCompletionsAPI
+
+
+def sample_cache(task: str, length: int, model_dir: Path, samples: int | None) -> Path:
+    """Where the generated samples of one cell are kept: keyed by lm-eval's version, the task, the length, the
+    tokenizer's files and the sample count (RULER draws them from a fixed seed, so the key fixes the samples)."""
+    import lm_eval
+
+    from pbs_engine.engine.model_source import cache_root
+
+    digest = hashlib.sha256(f"{lm_eval.__version__}|{task}|{length}|{samples}".encode())
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            digest.update(name.encode() + (model_dir / name).read_bytes())
+    return cache_root() / "ruler" / f"{task}-{length}-{samples or 'all'}-{digest.hexdigest()[:16]}"
+
+
+def load_tasks(tasks: list[str], lengths: list[int], model_dir: Path, samples: int | None,
+               workers: int | None = None) -> dict:
+    """(task, length) -> (task manager, lm-eval task) for every cell. lm-eval's RULER builds 500 samples per cell
+    whatever --limit, tokenising haystacks in one thread (about a minute per task at 32K): the cells missing from
+    the cache are generated in parallel processes, each keeping its first `samples` on disk (sample_cache), and
+    every task is then built from its cell's files, so a rerun (or a second method) generates nothing."""
+    cells = [(task, n) for task in tasks for n in lengths]
+    missing = [(t, n) for t, n in cells if not sample_cache(t, n, model_dir, samples).is_dir()]
+    if len(missing) == 1:
+        _generate_cell(*missing[0], model_dir, samples)
+    elif missing:
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        workers = workers or min(len(missing), os.cpu_count() or 1)
+        print(f"generating RULER samples for {len(missing)} cells in {workers} processes", file=sys.stderr)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for f in [pool.submit(_generate_cell, t, n, model_dir, samples) for t, n in missing]:
+                f.result()
+    return {(t, n): _load_cached(t, n, model_dir, sample_cache(t, n, model_dir, samples)) for t, n in cells}
+
+
+def _generate_cell(task: str, length: int, model_dir: Path, samples: int | None) -> None:
+    import datasets
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process
+    _import_lm_eval()
+    _, task_obj = _load_task(task, length, model_dir)
+    dataset = task_obj.dataset
+    if samples is not None:
+        dataset = datasets.DatasetDict({k: v.select(range(min(samples, len(v)))) for k, v in dataset.items()})
+    target = sample_cache(task, length, model_dir, samples)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    dataset.save_to_disk(str(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _load_cached(task: str, length: int, model_dir: Path, path: Path):
+    """lm-eval's task built around the samples saved at `path` instead of generating them."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    original = ConfigurableTask.download
+
+    def download(self, *args, **kwargs) -> None:
+        self.dataset = datasets.load_from_disk(str(path))
+
+    ConfigurableTask.download = download
+    try:
+        return _load_task(task, length, model_dir)
+    finally:
+        ConfigurableTask.download = original
 
 
 def _load_task(task: str, length: int, model_dir: Path):

@@ -13,7 +13,7 @@ import sys
 import types
 
 _MODULES = {
-    "PBSConfig": "config",
+    "PBSConfig": "config", "linear": "dispatch",
     "flash_prefill": "flash_prefill", "flash_prefill_ref": "flash_prefill",
     "rms_norm": "fused", "rms_norm_ref": "fused", "silu_and_mul": "fused", "silu_and_mul_ref": "fused",
     "FP8_DTYPE": "fp8", "FP8_MAX": "fp8", "FP8_UNSUPPORTED": "fp8", "supports_fp8": "fp8", "quantize_weight": "fp8",

@@ -242,7 +242,12 @@ def _diagonal_attention(qb: torch.Tensor, sel: PBSSelection, bs: int, scale: flo
     q_pos = (torch.arange(nqb * bs, device=dev) + sel.q_offset).view(nqb, 1, bs, 1)
     listed = (j < diag).repeat_interleave(bs, 1)[:, None, None]  # slots past a block's diag_count: padding
     mask = torch.where((key_pos <= q_pos) & listed, 0.0, float("-inf"))
-    return sdpa_lse(qb, keys, values, scale, mask.repeat_interleave(hq // hk, 1) if hk > 1 else mask)
+    # (query block, KV head) as the batch and the head's query group as its heads, so the mask, one per KV head
+    # (its permutation), broadcasts over the group instead of being repeated for every query head
+    group = hq // hk
+    out, lse = sdpa_lse(qb.reshape(nqb * hk, group, bs, d), keys.view(nqb * hk, 1, -1, d),
+                        values.view(nqb * hk, 1, -1, d), scale, mask.view(nqb * hk, 1, bs, -1))
+    return out.reshape(nqb, hq, bs, d), lse.reshape(nqb, hq, bs)
 
 
 def pbs_attention_torch(q: torch.Tensor, sel: PBSSelection, cfg: PBSConfig, scale: float) -> torch.Tensor:

@@ -121,7 +121,10 @@ class Attention(nn.Module):
                 stats = dense_stats(meta.pbs, q_len, k_len, self.num_heads, q.device)
             else:
                 o, stats = pbs_prefill(q[rows], k[keys], v[keys], meta.pbs, sm_scale=self.scale)
-                out[rows] = o
+                if q_len == q.shape[0]:  # the only row: no copy
+                    out = o
+                else:
+                    out[rows] = o
             if meta.pbs_stats is not None:
                 meta.pbs_stats.append((self.layer_idx, row, stats))
             q0, k0 = q0 + q_len, k0 + k_len

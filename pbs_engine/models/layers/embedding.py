@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pbs_engine.kernels import linear
 from pbs_engine.models.layers.parallel import SINGLE, TensorParallel
 
 
@@ -40,4 +41,4 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary on every rank."""
-        return self.tp.all_gather(F.linear(hidden, self.weight))[..., :self.vocab_size]
+        return self.tp.all_gather(linear(hidden, self.weight))[..., :self.vocab_size]

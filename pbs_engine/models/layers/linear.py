@@ -4,10 +4,9 @@ input columns and all-reduces its output."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pbs_engine.kernels import fp8_linear, quantize_per_token, quantize_weight
+from pbs_engine.kernels import fp8_linear, linear, quantize_per_token, quantize_weight
 from pbs_engine.models.layers.parallel import SINGLE, TensorParallel
 
 
@@ -54,7 +53,7 @@ class Linear(nn.Module):
 
     def _matmul(self, x, bias):
         if self.weight_scale is None:
-            return F.linear(x, self.weight, bias)
+            return linear(x, self.weight, bias)
         x_fp8, x_scale = x if isinstance(x, tuple) else quantize_per_token(x)  # a fused producer quantised already
         shape = x_fp8.shape
         y = fp8_linear(x_fp8.reshape(-1, shape[-1]), x_scale.reshape(-1, 1), self.weight, self.weight_scale, bias,
