@@ -66,6 +66,19 @@ def test_lm_evals_own_outputs_and_the_plot_are_kept(ruler):
     assert (out / "ruler_accuracy.png").stat().st_size > 0
 
 
+def test_resume_keeps_the_finished_cells_and_starts_no_server(ruler, smollm2_path):
+    _, out, results = ruler
+    logs = {m: (out / "raw" / m / "server.log").stat().st_mtime_ns for m in ("dense", "pbs")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-m", "pbs_engine.cli.main", "eval", "--suite", "ruler",
+                          "--model", str(smollm2_path), "--device", "cpu", "--lengths", "2048",
+                          "--tasks", "niah_single_1,vt", "--samples", "1", "--methods", "dense,pbs", "--out", str(out),
+                          "--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["cells"] == results["cells"]
+    assert {m: (out / "raw" / m / "server.log").stat().st_mtime_ns for m in logs} == logs
+
+
 @pytest.mark.parametrize("flags, fault", [
     (["--tasks", "niah_multivalue"], "--tasks niah_multivalue: lm-eval downloads"),
     (["--tasks", "qa_squad"], "--tasks qa_squad: lm-eval downloads"),

@@ -164,11 +164,62 @@ def decode_tile_rows(contexts: list[int], batch: int) -> list[dict]:
 
 
 
+SKINNY_SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),
+                 "lm_head": (152064, 3584)}  # Qwen2.5-7B decode projections (N, K)
+SKINNY_TILES = [(8, None, 1, 4, 3), (16, None, 1, 4, 3), (32, None, 1, 4, 3), (16, None, 2, 4, 3),
+                (16, None, 4, 4, 3), (8, None, 4, 4, 3), (32, None, 4, 8, 4), (64, None, 2, 8, 3)]
+
+
+def skinny_tile_rows(row_counts: list[int]) -> list[dict]:
+    """Decode-sized projections of the 7B shape: cuBLAS (bf16), torch._scaled_mm (e4m3) and the skinny kernel
+    under each launch shape, in weight bytes read per second and as a share of a device copy's bandwidth."""
+    from pbs_engine.bench.runtime import copy_bandwidth
+    from pbs_engine.kernels.fp8 import fp8_linear_scaled_mm, fp8_linear_skinny, quantize_per_token, quantize_weight
+    from pbs_engine.kernels.skinny import skinny_linear, skinny_tiles
+
+    copy_bw = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name, (n, k) in SKINNY_SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        w8, ws = quantize_weight(w)
+        for m in row_counts:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x8, xs = quantize_per_token(x)
+
+            def add(kernel: str, tiles, fn, nbytes: int) -> None:
+                try:
+                    t = graph_ms(fn)
+                except Exception as e:  # a launch shape the chip cannot hold
+                    print(f"skinny {name} {kernel} {tiles}: {type(e).__name__}: {str(e)[:100]}")
+                    return
+                rows.append({"proj": name, "N": n, "K": k, "rows": m, "kernel": kernel, "tiles": str(tiles),
+                             "us": t * 1e3, "TB_per_s": nbytes / (t * 1e-3) / 1e12,
+                             "of_copy": nbytes / (t * 1e-3) / copy_bw})
+
+            add("cublas-bf16", "-", lambda: torch.nn.functional.linear(x, w), w.numel() * 2)
+            add("scaled_mm-fp8", "-", lambda: fp8_linear_scaled_mm(x8, xs, w8, ws), w.numel())
+            add("old-skinny-fp8", "(32,256,4,4)", lambda: fp8_linear_skinny(x8, xs, w8, ws), w.numel())
+            for dtype, weight, nbytes in (("bf16", w, 2), ("fp8", w8, 1)):
+                default = skinny_tiles(n, k, m, nbytes, sms)
+                for tiles in [default] + [(bn, 512 // nbytes if bk is None else bk, sp, wp, st)
+                                          for bn, bk, sp, wp, st in SKINNY_TILES]:
+                    scales = {} if dtype == "bf16" else {"x_scale": xs, "w_scale": ws, "out_dtype": torch.bfloat16}
+                    xin = x if dtype == "bf16" else x8
+                    add(f"skinny-{dtype}" + ("*" if tiles == default else ""), tiles,
+                        lambda xin=xin, weight=weight, tiles=tiles, scales=scales: skinny_linear(
+                            xin, weight, tiles=tiles, **scales), w.numel() * nbytes)
+        del w, w8
+    return rows
+
+
 def add_tile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="32768,131072", help="dense and sparse sweep lengths")
     p.add_argument("--budgets", default="0.1,0.2", help="block budgets of the sparse sweep")
     p.add_argument("--decode-contexts", default="4096,65536,131072")
     p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument("--skinny-rows", default="1,4,16", help="rows of the skinny linear sweep (decode batch sizes)")
+    p.add_argument("--only", default=None, help="comma-separated subset of dense,sparse,decode,skinny")
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -181,9 +232,16 @@ def run_check(args: argparse.Namespace) -> int:
 def run_tiles(args: argparse.Namespace) -> int:
     print(f"device: {device_name()}, {versions()}")
     lengths = numbers(args.lengths, "--lengths")
-    print_table("dense kernel launch shapes (vs_cudnn > 1: we are faster)", dense_tile_rows(lengths))
-    budgets = numbers(args.budgets, "--budgets", float)
-    print_table("sparse kernel launch shapes", sparse_tile_rows(max(lengths), budgets))
-    print_table("decode kernel launch shapes", decode_tile_rows(numbers(args.decode_contexts, "--decode-contexts"),
-                                                                args.decode_batch))
+    only = set((args.only or "dense,sparse,decode,skinny").split(","))
+    if "dense" in only:
+        print_table("dense kernel launch shapes (vs_cudnn > 1: we are faster)", dense_tile_rows(lengths))
+    if "sparse" in only:
+        budgets = numbers(args.budgets, "--budgets", float)
+        print_table("sparse kernel launch shapes", sparse_tile_rows(max(lengths), budgets))
+    if "decode" in only:
+        print_table("decode kernel launch shapes", decode_tile_rows(
+            numbers(args.decode_contexts, "--decode-contexts"), args.decode_batch))
+    if "skinny" in only:
+        print_table("skinny linear launch shapes, 7B decode projections (* = the default tiles)",
+                    skinny_tile_rows(numbers(args.skinny_rows, "--skinny-rows")))
     return 0

@@ -71,13 +71,15 @@ def numbers(text: str, flag: str, kind: type = int) -> list:
     return values
 
 
-def model_source(spec: str) -> tuple[str, str, dict]:
-    """(directory, load_format, config.json) for "random:<shape>" (random weights) or any --model of the engine."""
+def model_source(spec: str, min_positions: int = 0) -> tuple[str, str, dict]:
+    """(directory, load_format, config.json) for "random:<shape>" (random weights; its context raised to
+    `min_positions` where shorter) or any --model of the engine."""
     if spec.startswith("random:"):
         name = spec.split(":", 1)[1]
         if name not in SHAPES:
             raise ValueError(f"--model {spec!r}: unknown shape; choose one of {', '.join(SHAPES)}")
-        return str(shape_dir(name)), "dummy", SHAPES[name]
+        path = shape_dir(name, min_positions)
+        return str(path), "dummy", json.loads((path / "config.json").read_text())
     from pbs_engine.engine.model_source import resolve_model
 
     path = resolve_model(spec)

@@ -143,8 +143,8 @@ def run_prefill(args: argparse.Namespace) -> int:
     from pbs_engine.bench.common import gpu_profile
     from pbs_engine.kernels.pbs_prefill import ATTENTION_RANGE, SELECTION_RANGE
 
-    path, load_format, cfg = model_source(args.model)
     lengths = numbers(args.lengths, "--lengths")
+    path, load_format, cfg = model_source(args.model, min_positions=max(lengths) + 16)
     table = methods(args.methods.split(","))
     peer_lengths = [n for n in lengths if n <= args.hf_max_len]
     ids_for = prompt_source(args.text, path, load_format, cfg["vocab_size"], max(lengths))

@@ -30,8 +30,19 @@ QWEN25_CODER_05B = {  # Qwen2.5-Coder-0.5B-Instruct: 14 query / 2 KV heads, 32K 
 SHAPES = {"qwen2.5-7b-1m": QWEN25_7B_1M, "llama-3.1-8b": LLAMA31_8B, "qwen2.5-coder-0.5b": QWEN25_CODER_05B}
 
 
-def shape_dir(name: str) -> Path:
+def shape_config(name: str, min_positions: int = 0) -> dict:
+    """config.json of shape `name`; random weights measure speed only, so a benchmark longer than the shape's
+    context (Llama-3.1-8B's 128K, at 1M tokens) raises max_position_embeddings to `min_positions`."""
+    config = dict(SHAPES[name])
+    if min_positions > config["max_position_embeddings"]:
+        print(f"random:{name}: max_position_embeddings {config['max_position_embeddings']} raised to {min_positions} "
+              "for this benchmark (random weights: speed only)")
+        config["max_position_embeddings"] = min_positions
+    return config
+
+
+def shape_dir(name: str, min_positions: int = 0) -> Path:
     """A directory holding only config.json for shape `name` (load it with load_format='dummy')."""
     path = Path(tempfile.mkdtemp(prefix=f"pbs-shape-{name}-"))
-    (path / "config.json").write_text(json.dumps(SHAPES[name]))
+    (path / "config.json").write_text(json.dumps(shape_config(name, min_positions)))
     return path

@@ -34,6 +34,8 @@ def register(sub) -> None:
                         "default: all 500)")
     p.add_argument("--num-concurrent", type=int, default=1,
                    help="ruler: requests lm-eval keeps in flight (default: 1, each prompt prefilled on its own)")
+    p.add_argument("--resume", action="store_true",
+                   help="ruler: keep the cells a previous run into --out finished with the same flags; run the rest")
     p.add_argument("--thresholds", type=_floats, default=[0.8, 0.9], help="extra PBS thresholds to sweep")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FIELD:VALUE,...",
                    help="an extra PBS method: the configured PBS with these PBSConfig fields changed, e.g. "
@@ -96,5 +98,6 @@ def run_ruler_suite(args: argparse.Namespace, out: Path) -> None:
     max_len = server_max_len(lengths, model_dir, args.max_model_len)
     flags = ["--model", str(model_dir), *model_flags(args, skip=("model", "attention", "enable_prefix_caching",
                                                                   "max_model_len"))]
-    run_ruler(flags, model_dir, tasks, lengths, methods, args.samples, max_len, out, args.num_concurrent)
+    run_ruler(flags, model_dir, tasks, lengths, methods, args.samples, max_len, out, args.num_concurrent,
+              resume=args.resume)
     print((out / "summary.md").read_text())

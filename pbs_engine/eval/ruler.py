@@ -91,27 +91,48 @@ def sample_length(length: int, max_len: int) -> int:
 
 
 def run_ruler(flags: list[str], model_dir: Path, tasks: list[str], lengths: list[int], methods: list[str],
-              samples: int | None, max_len: int, out_dir: Path, num_concurrent: int = 1) -> dict:
+              samples: int | None, max_len: int, out_dir: Path, num_concurrent: int = 1, resume: bool = False) -> dict:
     """Serve the model with `flags` once per method and run every (task, length) cell through lm-eval's
-    local-completions model; writes results.json, summary.md and lm-eval's outputs under out_dir/raw/METHOD/."""
+    local-completions model; writes results.json, summary.md and lm-eval's outputs under out_dir/raw/METHOD/.
+    With `resume`, the cells a previous run into out_dir finished with the same server flags and sample count are
+    read back instead of run again (a method with all its cells done starts no server)."""
     lm_eval, completions_api = _import_lm_eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for method in methods:
+        serve = [*flags, *method_flags(method), "--no-enable-prefix-caching",  # each request prefills all its prompt
+                 "--max-model-len", str(max_len), "--served-model-name", method]
+        for task in tasks:
+            for n in lengths:
+                cell = _finished_cell(out_dir / "raw" / method, task, n, serve, samples) if resume else None
+                if cell is not None:
+                    done[method, task, n] = cell
+    todo = {(task, n) for m in methods for task in tasks for n in lengths if (m, task, n) not in done}
     # every cell's samples are generated before any server starts, once, so every method answers the same ones
-    loaded = load_tasks(tasks, [sample_length(n, max_len) for n in lengths], model_dir, samples)
-    loaded = {(task, n): loaded[task, sample_length(n, max_len)] for task in tasks for n in lengths}
+    sized = sorted({sample_length(n, max_len) for _, n in todo})
+    loaded = load_tasks(sorted({task for task, _ in todo}), sized, model_dir, samples) if todo else {}
     cells = []
     for method in methods:
         raw = out_dir / "raw" / method
-        serve = [*flags, *method_flags(method), "--no-enable-prefix-caching",  # each request prefills all its prompt
+        serve = [*flags, *method_flags(method), "--no-enable-prefix-caching",
                  "--max-model-len", str(max_len), "--served-model-name", method]
+        if all((method, task, n) in done for task in tasks for n in lengths):
+            cells += [done[method, task, n] for task in tasks for n in lengths]
+            continue
         with ServedModel(serve, raw / "server.log") as server:
             lm = completions_api(base_url=f"{server.url}/v1/completions", model=method, tokenizer=str(model_dir),
                                  tokenizer_backend="huggingface", tokenized_requests=False, max_length=max_len,
                                  num_concurrent=num_concurrent, max_retries=1, timeout=3600)
             for task in tasks:
                 for n in lengths:
-                    cells.append(_run_cell(lm_eval, lm, server, *loaded[task, n], method, task, n,
-                                           sample_length(n, max_len), samples, raw))
+                    if (method, task, n) in done:
+                        cells.append(done[method, task, n])
+                        continue
+                    cell = _run_cell(lm_eval, lm, server, *loaded[task, sample_length(n, max_len)], method, task,
+                                     n, sample_length(n, max_len), samples, raw)
+                    (raw / f"cell_{task}_{n}.json").write_text(json.dumps({**cell, "serve": serve,
+                                                                           "samples_asked": samples}))
+                    cells.append(cell)
     results = {"suite": "ruler", "model": str(model_dir), "lm_eval": lm_eval.__version__, "tasks": tasks,
                "lengths": lengths, "samples": samples, "max_model_len": max_len,
                "methods": {m: method_flags(m) for m in methods}, "serve_flags": flags, "cells": cells}
@@ -214,6 +235,17 @@ def _load_task(task: str, length: int, model_dir: Path):
                                         include_path=str(Path(lm_eval.tasks.__file__).parent / "ruler"),
                                         metadata={"max_seq_lengths": [length], "tokenizer": str(model_dir)})
     return manager, manager.load([task])["tasks"][task]
+
+
+def _finished_cell(raw: Path, task: str, length: int, serve: list[str], samples: int | None) -> dict | None:
+    """The cell a previous run finished with these server flags and this sample count, or None."""
+    try:
+        cell = json.loads((raw / f"cell_{task}_{length}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if cell.pop("serve", None) != serve or cell.pop("samples_asked", "none") != samples:
+        return None
+    return cell
 
 
 def _run_cell(lm_eval, lm, server: ServedModel, manager, task_obj, method: str, task: str, length: int,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pbs_engine.kernels.skinny import BF16_SKINNY, SKINNY_ROWS, skinny_linear
+
+HALF = (torch.bfloat16, torch.float16)
+
 # oneDNN's matmul, behind torch.ops.mkldnn (the op torch.compile's CPU backend calls for a linear): on the CI's
 # 2-core AMD EPYC it ran the SmolLM2 projections 1.2-1.6x faster than the MKL sgemm behind F.linear at 32-4096 rows,
 # and the 49,152-row LM head 2.4x faster at one row (decode)
@@ -20,4 +24,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not (x.requires_grad or weight.requires_grad)):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if x.is_cuda and BF16_SKINNY and x.dim() == 2 and x.shape[0] <= SKINNY_ROWS and weight.dtype in HALF:
+        return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)

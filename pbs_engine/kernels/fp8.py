@@ -3,10 +3,13 @@ inside the kernels that produce them (RMSNorm, SiLU-and-mul) so quantising costs
 GEMM through torch._scaled_mm with row-wise scales. A scale is float32 and value = fp8 * scale; scale = amax / 448."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from pbs_engine.kernels.dispatch import use_triton
+from pbs_engine.kernels.skinny import skinny_linear
 from pbs_engine.kernels.fused import _rms_norm_row, _silu_and_mul_tile, rms_norm_ref, silu_and_mul_ref
 from pbs_engine.kernels.triton_compat import tl, triton
 
@@ -267,7 +270,8 @@ def _fp8_skinny_kernel(X, XS, W, WS, B, Y, M, N, K, s_xm, s_wn, s_ym,
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-SKINNY_ROWS = 16  # at most this many rows (decode batches) take _fp8_skinny_kernel instead of torch._scaled_mm
+SKINNY_ROWS = 16  # at most this many rows (decode batches) take a skinny kernel instead of torch._scaled_mm
+OLD_SKINNY = os.environ.get("PBS_ENGINE_FP8_SKINNY") == "old"  # A/B against kernels.skinny while it is measured
 
 
 def fp8_linear_skinny(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
@@ -296,5 +300,7 @@ def fp8_linear(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, 
     if not x_fp8.is_cuda:
         return fp8_linear_ref(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
     if x_fp8.shape[0] <= SKINNY_ROWS:
-        return fp8_linear_skinny(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
+        if OLD_SKINNY:
+            return fp8_linear_skinny(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
+        return skinny_linear(x_fp8, w_fp8, bias, x_scale=x_scale, w_scale=w_scale, out_dtype=out_dtype)
     return fp8_linear_scaled_mm(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)

@@ -1,0 +1,133 @@
+"""Skinny linear layers: y = x W^T (+ b) for a few rows (a decode step), which is bound by reading the weight once.
+One Triton kernel for bf16/fp16 weights and for e4m3 weights with per-channel scales (e4m3 rows with per-token
+scales, or plain rows, as input). Up to FMA_ROWS rows it multiplies and sums in registers (no tensor cores: a
+(16 x N) tile would waste 15/16 of them on one row); up to SKINNY_ROWS with tl.dot. The grid has one program per
+BLOCK_N output columns and, for long inputs, SPLIT programs along K whose float32 partial sums a second tiny
+launch adds up, so that a 3584-column projection still spreads its weight over every SM."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pbs_engine.kernels.triton_compat import tl, triton
+
+SKINNY_ROWS = 16  # at most this many rows take the skinny kernel (above: cuBLAS / torch._scaled_mm)
+FMA_ROWS = 4  # up to this many rows: register FMAs; above: tl.dot
+# bf16 weights: whether decode projections use this kernel instead of cuBLAS ("1"/"0"); fp8 weights always do
+BF16_SKINNY = os.environ.get("PBS_ENGINE_BF16_SKINNY", "0") == "1"
+
+
+def skinny_tiles(n: int, k: int, rows: int, weight_bytes: int, sms: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages): BLOCK_K of 512 bytes per weight row and step, BLOCK_N
+    small enough for at least ~4 programs per SM, split along K until there are."""
+    block_k = 512 // weight_bytes
+    block_n = 16 if rows <= FMA_ROWS else 32
+    split = 1
+    while triton.cdiv(n, block_n) * split < 4 * sms and k // (split * 2) >= 4 * block_k:
+        split *= 2
+    return block_n, block_k, split, 4, 3
+
+
+@triton.jit
+def _skinny_kernel(X, XS, W, WS, B, Y, P, M, N, K, k_per_split, s_xm, s_wn, s_ym,
+                   HAS_XS: tl.constexpr, HAS_WS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                   ROWS: tl.constexpr, USE_DOT: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    # Program (column tile n, K slice s): rows [0, M) x columns of tile n over K in [s * k_per_split, +k_per_split).
+    # SPLIT == 1: scales, bias and the cast applied here, stored to Y; else the raw float32 partial goes to
+    # P (SPLIT, M, N) for _skinny_reduce.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        ks = k0 + offs_k
+        x = tl.load(X + offs_m[:, None] * s_xm + ks[None, :], mask=(offs_m[:, None] < M) & (ks[None, :] < k_hi),
+                    other=0.0)
+        w = tl.load(W + offs_n[:, None] * s_wn + ks[None, :], mask=(offs_n[:, None] < N) & (ks[None, :] < k_hi),
+                    other=0.0)
+        if USE_DOT:
+            acc = tl.dot(x.to(tl.float32).to(DOT), tl.trans(w.to(tl.float32).to(DOT)), acc)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if SPLIT == 1:
+        if HAS_XS:
+            acc = acc * tl.load(XS + offs_m, mask=offs_m < M, other=0.0)[:, None]
+        if HAS_WS:
+            acc = acc * tl.load(WS + offs_n, mask=offs_n < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    else:
+        tl.store(P + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc,
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _skinny_reduce(P, XS, WS, B, Y, M, N, s_ym, HAS_XS: tl.constexpr, HAS_WS: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (row m, column block): the SPLIT partials summed, scaled, biased and cast into Y.
+    m = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(P + (s * M + m) * N + offs, mask=mask, other=0.0)
+    if HAS_XS:
+        acc = acc * tl.load(XS + m)
+    if HAS_WS:
+        acc = acc * tl.load(WS + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + m * s_ym + offs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  x_scale: torch.Tensor | None = None, w_scale: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None, tiles: tuple[int, int, int, int, int] | None = None
+                  ) -> torch.Tensor:
+    """x (M <= SKINNY_ROWS, K) @ weight (N, K)^T (+ bias) -> (M, N) in out_dtype (default x's dtype): weight in
+    bf16/fp16/fp32, or e4m3 with w_scale (N,) float32 per output channel; x likewise, e4m3 with x_scale (M, 1).
+    tiles = (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages), default skinny_tiles."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    if rows > SKINNY_ROWS:
+        raise ValueError(f"skinny_linear: {rows} rows, at most {SKINNY_ROWS}")
+    out_dtype = out_dtype or x.dtype
+    y = torch.empty(rows, n, dtype=out_dtype, device=x.device)
+    if rows == 0:
+        return y
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    block_n, block_k, split, warps, stages = tiles or skinny_tiles(n, k, rows, weight.element_size(),
+                                                                   _sm_count(x.device))
+    row_pad = max(triton.next_power_of_2(rows), 1)
+    use_dot = row_pad > FMA_ROWS
+    row_pad = max(row_pad, 16) if use_dot else row_pad  # tl.dot takes at least 16 rows
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    xs = x_scale.reshape(-1).contiguous() if x_scale is not None else None
+    dummy = weight  # any pointer for the arguments a constexpr switches off
+    partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else dummy
+    _skinny_kernel[(triton.cdiv(n, block_n), split)](
+        x, xs if xs is not None else dummy, weight, w_scale if w_scale is not None else dummy,
+        bias if bias is not None else dummy, y, partial, rows, n, k, k_per_split, x.stride(0), weight.stride(0),
+        y.stride(0), HAS_XS=xs is not None, HAS_WS=w_scale is not None, HAS_BIAS=bias is not None, SPLIT=split,
+        ROWS=row_pad, USE_DOT=use_dot, DOT=tl.bfloat16 if x.is_cuda else tl.float32, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    if split > 1:
+        block = 1024 if x.is_cuda else 64
+        _skinny_reduce[(rows, triton.cdiv(n, block))](
+            partial, xs if xs is not None else dummy, w_scale if w_scale is not None else dummy,
+            bias if bias is not None else dummy, y, rows, n, y.stride(0), HAS_XS=xs is not None,
+            HAS_WS=w_scale is not None, HAS_BIAS=bias is not None, SPLIT=split, BLOCK=block, num_warps=4)
+    return y
