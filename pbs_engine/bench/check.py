@@ -166,15 +166,15 @@ def decode_tile_rows(contexts: list[int], batch: int) -> list[dict]:
 
 SKINNY_SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),
                  "lm_head": (152064, 3584)}  # Qwen2.5-7B decode projections (N, K)
-SKINNY_TILES = [(8, None, 1, 4, 3), (16, None, 1, 4, 3), (32, None, 1, 4, 3), (16, None, 2, 4, 3),
-                (16, None, 4, 4, 3), (8, None, 4, 4, 3), (32, None, 4, 8, 4), (64, None, 2, 8, 3)]
+SKINNY_TILES = [(32, 256, 1, 4, 4), (32, 256, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 1, 4, 4),
+                (64, 128, 2, 4, 4), (16, 256, 4, 4, 4), (32, 512, 2, 4, 3), (32, 128, 4, 4, 4)]
 
 
 def skinny_tile_rows(row_counts: list[int]) -> list[dict]:
     """Decode-sized projections of the 7B shape: cuBLAS (bf16), torch._scaled_mm (e4m3) and the skinny kernel
     under each launch shape, in weight bytes read per second and as a share of a device copy's bandwidth."""
     from pbs_engine.bench.runtime import copy_bandwidth
-    from pbs_engine.kernels.fp8 import fp8_linear_scaled_mm, fp8_linear_skinny, quantize_per_token, quantize_weight
+    from pbs_engine.kernels.fp8 import fp8_linear_scaled_mm, quantize_per_token, quantize_weight
     from pbs_engine.kernels.skinny import skinny_linear, skinny_tiles
 
     copy_bw = copy_bandwidth()
@@ -199,7 +199,6 @@ def skinny_tile_rows(row_counts: list[int]) -> list[dict]:
 
             add("cublas-bf16", "-", lambda: torch.nn.functional.linear(x, w), w.numel() * 2)
             add("scaled_mm-fp8", "-", lambda: fp8_linear_scaled_mm(x8, xs, w8, ws), w.numel())
-            add("old-skinny-fp8", "(32,256,4,4)", lambda: fp8_linear_skinny(x8, xs, w8, ws), w.numel())
             for dtype, weight, nbytes in (("bf16", w, 2), ("fp8", w8, 1)):
                 default = skinny_tiles(n, k, m, nbytes, sms)
                 for tiles in [default] + [(bn, 512 // nbytes if bk is None else bk, sp, wp, st)

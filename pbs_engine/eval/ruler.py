@@ -2,15 +2,16 @@
 (task, length) cell, its accuracy and the mean prefill density of its requests (read from the server's /metrics)."""
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from pbs_engine.eval.served import ServedModel
@@ -175,34 +176,71 @@ def load_tasks(tasks: list[str], lengths: list[int], model_dir: Path, samples: i
                workers: int | None = None) -> dict:
     """(task, length) -> (task manager, lm-eval task) for every cell. lm-eval's RULER builds 500 samples per cell
     whatever --limit, tokenising haystacks in one thread (about a minute per task at 32K): the cells missing from
-    the cache are generated in parallel processes, each keeping its first `samples` on disk (sample_cache), and
+    the cache are generated in parallel subprocesses (at most `workers` at once), each keeping its first `samples` on disk (sample_cache), and
     every task is then built from its cell's files, so a rerun (or a second method) generates nothing."""
     cells = [(task, n) for task in tasks for n in lengths]
     missing = [(t, n) for t, n in cells if not sample_cache(t, n, model_dir, samples).is_dir()]
     if len(missing) == 1:
         _generate_cell(*missing[0], model_dir, samples)
     elif missing:
-        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         workers = workers or min(len(missing), os.cpu_count() or 1)
         print(f"generating RULER samples for {len(missing)} cells in {workers} processes", file=sys.stderr)
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            for f in [pool.submit(_generate_cell, t, n, model_dir, samples) for t, n in missing]:
-                f.result()
+        _generate_cells(missing, model_dir, samples, workers)
     return {(t, n): _load_cached(t, n, model_dir, sample_cache(t, n, model_dir, samples)) for t, n in cells}
 
 
-def _generate_cell(task: str, length: int, model_dir: Path, samples: int | None) -> None:
-    import datasets
+_GENERATE_CELL = ("import sys; from pathlib import Path; from pbs_engine.eval.ruler import _generate_cell; "
+                  "_generate_cell(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), "
+                  "None if sys.argv[4] == 'None' else int(sys.argv[4]))")
 
+
+def _generate_cells(missing: list[tuple[str, int]], model_dir: Path, samples: int | None, workers: int) -> None:
+    """Runs _generate_cell for every cell in its own Python subprocess, at most `workers` at once. A failure kills
+    the others and raises with the tail of the failed one's stderr (plain processes, so that an exception the
+    worker could not pickle back does not hide the cause)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    pending = list(missing)
+    running: list[tuple[str, int, subprocess.Popen, object]] = []
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                task, length = pending.pop(0)
+                err = tempfile.TemporaryFile()
+                proc = subprocess.Popen([sys.executable, "-c", _GENERATE_CELL, task, str(length), str(model_dir),
+                                         str(samples)], env=env, stdout=subprocess.DEVNULL, stderr=err)
+                running.append((task, length, proc, err))
+            time.sleep(0.5)
+            for entry in list(running):
+                task, length, proc, err = entry
+                code = proc.poll()
+                if code is None:
+                    continue
+                running.remove(entry)
+                if code != 0:
+                    err.seek(0)
+                    tail = err.read().decode(errors="replace")[-2000:]
+                    err.close()
+                    raise RuntimeError(f"RULER sample generation for {task} at {length} tokens failed "
+                                       f"(exit {code}): {tail}")
+                err.close()
+    finally:
+        for _, _, proc, err in running:
+            proc.kill()
+            proc.wait()
+            err.close()
+
+
+def _generate_cell(task: str, length: int, model_dir: Path, samples: int | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process
     _import_lm_eval()
     _, task_obj = _load_task(task, length, model_dir)
-    dataset = task_obj.dataset
-    if samples is not None:
-        dataset = datasets.DatasetDict({k: v.select(range(min(samples, len(v)))) for k, v in dataset.items()})
+    # the rows as JSON, not datasets' save_to_disk: its dill fingerprinting fails on some pyarrow/Python pairs
+    splits = {name: [dict(split[i]) for i in range(min(samples or len(split), len(split)))]
+              for name, split in task_obj.dataset.items()}
     target = sample_cache(task, length, model_dir, samples)
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    dataset.save_to_disk(str(tmp))
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "samples.json").write_text(json.dumps(splits))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -212,10 +250,11 @@ def _load_cached(task: str, length: int, model_dir: Path, path: Path):
     import datasets
     from lm_eval.api.task import ConfigurableTask
 
+    splits = json.loads((path / "samples.json").read_text())
     original = ConfigurableTask.download
 
     def download(self, *args, **kwargs) -> None:
-        self.dataset = datasets.load_from_disk(str(path))
+        self.dataset = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()})
 
     ConfigurableTask.download = download
     try:

@@ -3,13 +3,11 @@ inside the kernels that produce them (RMSNorm, SiLU-and-mul) so quantising costs
 GEMM through torch._scaled_mm with row-wise scales. A scale is float32 and value = fp8 * scale; scale = amax / 448."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from pbs_engine.kernels.dispatch import use_triton
-from pbs_engine.kernels.skinny import skinny_linear
+from pbs_engine.kernels.skinny import SKINNY_ROWS, skinny_linear
 from pbs_engine.kernels.fused import _rms_norm_row, _silu_and_mul_tile, rms_norm_ref, silu_and_mul_ref
 from pbs_engine.kernels.triton_compat import tl, triton
 
@@ -241,55 +239,13 @@ def fp8_linear_scaled_mm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torc
     return out if bias is None or fused_bias else out + bias.to(out_dtype)
 
 
-@triton.jit
-def _fp8_skinny_kernel(X, XS, W, WS, B, Y, M, N, K, s_xm, s_wn, s_ym,
-                       HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       DOT: tl.constexpr):
-    # Program (column tile n): Y[:M, n-tile] = (X8 * XS) @ (W8[n-tile] * WS[n-tile])^T (+ B) for M <= ROWS rows, so
-    # each weight byte is read once however many rows there are (decode). The e4m3 tiles are widened to DOT (bf16
-    # on the GPU: exact for e4m3 values; float32 in the interpreter, whose bf16 conversion truncates) for the dot;
-    # the scales are applied to the float32 accumulator.
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, ROWS)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + offs_k
-        x = tl.load(X + offs_m[:, None] * s_xm + ks[None, :], mask=(offs_m[:, None] < M) & (ks[None, :] < K),
-                    other=0.0)
-        w = tl.load(W + offs_n[:, None] * s_wn + ks[None, :], mask=(offs_n[:, None] < N) & (ks[None, :] < K),
-                    other=0.0)
-        acc = tl.dot(x.to(tl.float32).to(DOT), tl.trans(w.to(tl.float32).to(DOT)), acc)
-    xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
-    ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
-    acc = acc * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-SKINNY_ROWS = 16  # at most this many rows (decode batches) take a skinny kernel instead of torch._scaled_mm
-OLD_SKINNY = os.environ.get("PBS_ENGINE_FP8_SKINNY") == "old"  # A/B against kernels.skinny while it is measured
 
 
 def fp8_linear_skinny(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
-                      bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                      tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """fp8_linear for at most SKINNY_ROWS rows in one Triton kernel that streams the e4m3 weight once (a decode
-    step is bound by reading the weights: half the bytes of bf16); tiles = (BLOCK_N, BLOCK_K, num_warps,
-    num_stages)."""
-    rows, k = x_fp8.shape
-    n = w_fp8.shape[0]
-    y = torch.empty(rows, n, dtype=out_dtype, device=x_fp8.device)
-    block_n, block_k, warps, stages = tiles or ((32, 256, 4, 4) if x_fp8.is_cuda else (16, 32, 1, 1))
-    _fp8_skinny_kernel[(triton.cdiv(n, block_n),)](
-        x_fp8, x_scale.reshape(-1).contiguous(), w_fp8, w_scale, bias if bias is not None else w_scale, y,
-        rows, n, k, x_fp8.stride(0), w_fp8.stride(0), y.stride(0), HAS_BIAS=bias is not None, ROWS=SKINNY_ROWS,
-        BLOCK_N=block_n, BLOCK_K=block_k, DOT=tl.bfloat16 if x_fp8.is_cuda else tl.float32, num_warps=warps,
-        num_stages=stages)
-    return y
+                      bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """fp8_linear for at most SKINNY_ROWS rows (a decode step, bound by reading the weight: half the bytes of
+    bf16) through kernels.skinny's split-K kernel."""
+    return skinny_linear(x_fp8, w_fp8, bias, x_scale=x_scale, w_scale=w_scale, out_dtype=out_dtype)
 
 
 def fp8_linear(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
@@ -300,7 +256,5 @@ def fp8_linear(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, 
     if not x_fp8.is_cuda:
         return fp8_linear_ref(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
     if x_fp8.shape[0] <= SKINNY_ROWS:
-        if OLD_SKINNY:
-            return fp8_linear_skinny(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
-        return skinny_linear(x_fp8, w_fp8, bias, x_scale=x_scale, w_scale=w_scale, out_dtype=out_dtype)
+        return fp8_linear_skinny(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)
     return fp8_linear_scaled_mm(x_fp8, x_scale, w_fp8, w_scale, bias, out_dtype)

@@ -1,9 +1,9 @@
 """Skinny linear layers: y = x W^T (+ b) for a few rows (a decode step), which is bound by reading the weight once.
 One Triton kernel for bf16/fp16 weights and for e4m3 weights with per-channel scales (e4m3 rows with per-token
-scales, or plain rows, as input). Up to FMA_ROWS rows it multiplies and sums in registers (no tensor cores: a
-(16 x N) tile would waste 15/16 of them on one row); up to SKINNY_ROWS with tl.dot. The grid has one program per
-BLOCK_N output columns and, for long inputs, SPLIT programs along K whose float32 partial sums a second tiny
-launch adds up, so that a 3584-column projection still spreads its weight over every SM."""
+scales, or plain rows, as input): the rows padded to 16 for tl.dot (on an H200 a register-FMA variant for one row
+reached only half the bandwidth: conversion-bound). The grid has one program per BLOCK_N output columns and, for
+long inputs or few columns, SPLIT programs along K whose float32 partial sums a second tiny launch adds up, so
+that a 3584-column projection still spreads its weight over every SM."""
 from __future__ import annotations
 
 import os
@@ -13,26 +13,27 @@ import torch
 from pbs_engine.kernels.triton_compat import tl, triton
 
 SKINNY_ROWS = 16  # at most this many rows take the skinny kernel (above: cuBLAS / torch._scaled_mm)
-FMA_ROWS = 4  # up to this many rows: register FMAs; above: tl.dot
 # bf16 weights: whether decode projections use this kernel instead of cuBLAS ("1"/"0"); fp8 weights always do
 BF16_SKINNY = os.environ.get("PBS_ENGINE_BF16_SKINNY", "0") == "1"
 
 
 def skinny_tiles(n: int, k: int, rows: int, weight_bytes: int, sms: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages): BLOCK_K of 512 bytes per weight row and step, BLOCK_N
-    small enough for at least ~4 programs per SM, split along K until there are."""
-    block_k = 512 // weight_bytes
-    block_n = 16 if rows <= FMA_ROWS else 32
+    """(BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages), from `pbs-engine bench tiles --only skinny` on an H200:
+    64 columns per program where that still gives 4 programs per SM (gate_up, LM head: 0.74-0.84 of copy
+    bandwidth in e4m3), else 32 and split along K until it does (down 0.31 -> 0.56, o 0.27 -> 0.35)."""
+    block_k = 256 if weight_bytes == 1 else 128
+    block_n = 64 if triton.cdiv(n, 64) >= 4 * sms else 32
     split = 1
-    while triton.cdiv(n, block_n) * split < 4 * sms and k // (split * 2) >= 4 * block_k:
+    while triton.cdiv(n, block_n) * split < 4 * sms and k // (split * 2) >= block_k:
         split *= 2
-    return block_n, block_k, split, 4, 3
+    return block_n, block_k, split, 4, 4
 
 
 @triton.jit
 def _skinny_kernel(X, XS, W, WS, B, Y, P, M, N, K, k_per_split, s_xm, s_wn, s_ym,
                    HAS_XS: tl.constexpr, HAS_WS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                   ROWS: tl.constexpr, USE_DOT: tl.constexpr, DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ROWS: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     # Program (column tile n, K slice s): rows [0, M) x columns of tile n over K in [s * k_per_split, +k_per_split).
     # SPLIT == 1: scales, bias and the cast applied here, stored to Y; else the raw float32 partial goes to
@@ -51,10 +52,10 @@ def _skinny_kernel(X, XS, W, WS, B, Y, P, M, N, K, k_per_split, s_xm, s_wn, s_ym
                     other=0.0)
         w = tl.load(W + offs_n[:, None] * s_wn + ks[None, :], mask=(offs_n[:, None] < N) & (ks[None, :] < k_hi),
                     other=0.0)
-        if USE_DOT:
-            acc = tl.dot(x.to(tl.float32).to(DOT), tl.trans(w.to(tl.float32).to(DOT)), acc)
+        if IEEE:  # float32 operands: no tf32 rounding
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            acc = tl.dot(x.to(tl.float32).to(DOT), tl.trans(w.to(tl.float32).to(DOT)), acc)
     if SPLIT == 1:
         if HAS_XS:
             acc = acc * tl.load(XS + offs_m, mask=offs_m < M, other=0.0)[:, None]
@@ -110,19 +111,20 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x = x if x.stride(-1) == 1 else x.contiguous()
     block_n, block_k, split, warps, stages = tiles or skinny_tiles(n, k, rows, weight.element_size(),
                                                                    _sm_count(x.device))
-    row_pad = max(triton.next_power_of_2(rows), 1)
-    use_dot = row_pad > FMA_ROWS
-    row_pad = max(row_pad, 16) if use_dot else row_pad  # tl.dot takes at least 16 rows
+    row_pad = max(triton.next_power_of_2(rows), 16)  # tl.dot takes at least 16 rows
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
     xs = x_scale.reshape(-1).contiguous() if x_scale is not None else None
+    # operands of at most bf16 precision (bf16, e4m3) are widened to bf16 exactly for tl.dot; float32 stays float32
+    half = x.is_cuda and x.dtype != torch.float32 and weight.dtype != torch.float32
     dummy = weight  # any pointer for the arguments a constexpr switches off
     partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else dummy
     _skinny_kernel[(triton.cdiv(n, block_n), split)](
         x, xs if xs is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, y, partial, rows, n, k, k_per_split, x.stride(0), weight.stride(0),
         y.stride(0), HAS_XS=xs is not None, HAS_WS=w_scale is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        ROWS=row_pad, USE_DOT=use_dot, DOT=tl.bfloat16 if x.is_cuda else tl.float32, BLOCK_N=block_n,
+        ROWS=row_pad, DOT=tl.bfloat16 if half else tl.float32, IEEE=not half,
+        BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     if split > 1:
         block = 1024 if x.is_cuda else 64

@@ -1,6 +1,5 @@
-"""The skinny (decode-sized) linear kernel against F.linear / the dequantised FP8 reference, in the interpreter:
-register-FMA rows (<= FMA_ROWS) and tl.dot rows, one K slice and several (the split-K reduction), with and
-without bias, unaligned K and N."""
+"""The skinny (decode-sized) linear kernel against F.linear / the dequantised FP8 reference, in the interpreter (or
+on a GPU): one K slice and several (the split-K reduction), with and without bias, unaligned K and N."""
 from __future__ import annotations
 
 import os
