@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -196,7 +195,7 @@ _GENERATE_CELL = ("import sys; from pathlib import Path; from pbs_engine.eval.ru
 
 def _generate_cells(missing: list[tuple[str, int]], model_dir: Path, samples: int | None, workers: int) -> None:
     """Runs _generate_cell for every cell in its own Python subprocess, at most `workers` at once. A failure kills
-    the others and raises with the tail of the failed one's stderr (plain processes, so that an exception the
+    the others and raises with the tail of the failed one's stderr (all of it kept in a .log beside the cache) (plain processes, so that an exception the
     worker could not pickle back does not hide the cause)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     pending = list(missing)
@@ -205,7 +204,9 @@ def _generate_cells(missing: list[tuple[str, int]], model_dir: Path, samples: in
         while pending or running:
             while pending and len(running) < workers:
                 task, length = pending.pop(0)
-                err = tempfile.TemporaryFile()
+                log = sample_cache(task, length, model_dir, samples).with_suffix(".log")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                err = log.open("w+b")
                 proc = subprocess.Popen([sys.executable, "-c", _GENERATE_CELL, task, str(length), str(model_dir),
                                          str(samples)], env=env, stdout=subprocess.DEVNULL, stderr=err)
                 running.append((task, length, proc, err))
@@ -221,7 +222,7 @@ def _generate_cells(missing: list[tuple[str, int]], model_dir: Path, samples: in
                     tail = err.read().decode(errors="replace")[-2000:]
                     err.close()
                     raise RuntimeError(f"RULER sample generation for {task} at {length} tokens failed "
-                                       f"(exit {code}): {tail}")
+                                       f"(exit {code}; its whole output: {err.name}): {tail}")
                 err.close()
     finally:
         for _, _, proc, err in running:
