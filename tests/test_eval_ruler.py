@@ -140,3 +140,24 @@ def test_samples_are_generated_once_then_read_from_the_cache(smollm2_path, tmp_p
     assert len(docs[0]) == 2 and docs[0] == docs[1] == list(direct.test_docs())[:2]
     assert ruler_mod.sample_cache("ruler_vt", 1024, smollm2_path, 3) != ruler_mod.sample_cache(
         "ruler_vt", 1024, smollm2_path, 2)
+
+
+def test_a_dataset_whose_state_cannot_be_pickled_gets_a_random_fingerprint(monkeypatch):
+    """Python 3.12 + pyarrow 26: datasets' fingerprint pickling fails on pyarrow's MonthDayNano inside RULER's
+    Dataset.from_list; the samples must still be built."""
+    pytest.importorskip("lm_eval", reason="needs the eval extra: pip install -e '.[eval]'")
+    import pickle
+
+    import datasets
+    import datasets.arrow_dataset as arrow_dataset
+
+    from pbs_engine.eval import ruler as ruler_mod
+
+    def unpicklable(dataset):
+        raise pickle.PicklingError("Can't pickle <class 'MonthDayNano'>: it's not found as builtins.MonthDayNano")
+
+    monkeypatch.setattr(arrow_dataset, "generate_fingerprint", unpicklable)
+    ruler_mod._fingerprint_fallback()
+    ruler_mod._fingerprint_fallback()  # idempotent: wrapped once
+    ds = datasets.Dataset.from_list([{"input": "a", "outputs": ["1"]}])
+    assert ds[0] == {"input": "a", "outputs": ["1"]} and len(ds._fingerprint) == 16

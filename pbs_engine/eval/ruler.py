@@ -150,6 +150,7 @@ def _import_lm_eval():
     except ImportError as e:
         raise OSError(f"--suite ruler needs lm-eval 0.4.13 and wonderwords: pip install 'pbs-engine[eval]' ({e})"
                       ) from e
+    _fingerprint_fallback()
     try:
         nltk.data.find("tokenizers/punkt_tab")
     except LookupError:  # lm-eval fetches it when its niah module is imported; only the essay tasks split sentences
@@ -262,6 +263,28 @@ def _load_cached(task: str, length: int, model_dir: Path, path: Path):
         return _load_task(task, length, model_dir)
     finally:
         ConfigurableTask.download = original
+
+
+def _fingerprint_fallback() -> None:
+    """datasets fingerprints every new Dataset by dill-pickling its state; under Python 3.12 with pyarrow 26 that
+    pickling fails on pyarrow's MonthDayNano type (PicklingError inside RULER's Dataset.from_list). A fingerprint
+    only names cached transforms, so where it cannot be computed a random one serves, as datasets itself does for
+    transforms it cannot hash."""
+    import datasets.arrow_dataset as arrow_dataset
+    from datasets.fingerprint import generate_random_fingerprint
+
+    original = arrow_dataset.generate_fingerprint
+    if getattr(original, "pbs_fallback", False):
+        return
+
+    def generate_fingerprint(dataset) -> str:
+        try:
+            return original(dataset)
+        except Exception:  # noqa: BLE001 (any pickling failure)
+            return generate_random_fingerprint()
+
+    generate_fingerprint.pbs_fallback = True
+    arrow_dataset.generate_fingerprint = generate_fingerprint
 
 
 def _load_task(task: str, length: int, model_dir: Path):
