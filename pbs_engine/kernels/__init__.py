@@ -19,7 +19,7 @@ _MODULES = {
     "FP8_DTYPE": "fp8", "FP8_MAX": "fp8", "FP8_UNSUPPORTED": "fp8", "supports_fp8": "fp8", "quantize_weight": "fp8",
     "rms_norm_quant": "fp8", "rms_norm_quant_ref": "fp8", "silu_and_mul_quant": "fp8",
     "silu_and_mul_quant_ref": "fp8", "quantize_per_token": "fp8", "quantize_per_token_ref": "fp8",
-    "fp8_linear": "fp8", "fp8_linear_ref": "fp8",
+    "fp8_linear": "fp8", "fp8_linear_ref": "fp8", "fp8_weight_only": "fp8", "skinny_linear": "skinny",
     "paged_decode": "paged_decode", "paged_decode_ref": "paged_decode",
     "pbs_prefill": "pbs_prefill", "pbs_prefill_ref": "pbs_prefill",
     "PBSSelection": "selection", "PBSStats": "selection", "pbs_select": "selection",

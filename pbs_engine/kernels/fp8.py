@@ -248,6 +248,14 @@ def fp8_linear_skinny(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.T
     return skinny_linear(x_fp8, w_fp8, bias, x_scale=x_scale, w_scale=w_scale, out_dtype=out_dtype)
 
 
+def fp8_weight_only(x: torch.Tensor) -> bool:
+    """Whether rows x (T, K) of an FP8 layer skip activation quantisation: on CUDA, up to SKINNY_ROWS rows (a decode
+    step) run W8A16, the bf16 rows against the e4m3 weight in the skinny kernel. Such a step is bound by reading the
+    weight, and quantising its rows took 4 launches per layer (0.24 ms of GPU time per 7B step on an H200, plus the
+    launch gaps) that the GEMV does not need; it is also closer to the unquantised layer."""
+    return x.is_cuda and x.shape[0] <= SKINNY_ROWS
+
+
 def fp8_linear(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """y = x W^T (+ b) from e4m3 operands and their float32 scales: x_fp8 (T, K), x_scale (T, 1), w_fp8 (N, K),

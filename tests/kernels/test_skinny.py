@@ -54,3 +54,14 @@ def test_default_tiles_and_refusals():
     assert skinny_linear(x[:0].to(dev), w.to(dev)).shape == (0, 24)
     with pytest.raises(ValueError, match="at most"):
         skinny_linear(torch.zeros(SKINNY_ROWS + 1, 96, device=dev), w.to(dev))
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+def test_float_rows_against_fp8_weights_match_the_dequantised_weight(rows):
+    """W8A16 (decode rows of an FP8 layer on CUDA): unquantised rows against the e4m3 weight and its scales."""
+    x, w, b = operands(rows, k=200, n=40, seed=20 + rows)
+    wq, ws = quantize_weight(w)
+    dev = DEVICES[0]
+    out = skinny_linear(x.to(dev), wq.to(dev), b.to(dev), w_scale=ws.to(dev), out_dtype=torch.float32, tiles=SPLIT)
+    want = torch.nn.functional.linear(x, wq.float() * ws[:, None], b)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pbs_engine.kernels import silu_and_mul, silu_and_mul_quant
+from pbs_engine.kernels import fp8_weight_only, silu_and_mul, silu_and_mul_quant
 
 
 class SiluAndMul(nn.Module):
@@ -14,4 +14,6 @@ class SiluAndMul(nn.Module):
         self.quantize_output = False  # set by quantize_fp8
 
     def forward(self, x: torch.Tensor):
-        return silu_and_mul_quant(x) if self.quantize_output else silu_and_mul(x)
+        if self.quantize_output and not fp8_weight_only(x):  # decode rows on CUDA: bf16 for the W8A16 layer
+            return silu_and_mul_quant(x)
+        return silu_and_mul(x)

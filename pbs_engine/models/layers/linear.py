@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pbs_engine.kernels import fp8_linear, linear, quantize_per_token, quantize_weight
+from pbs_engine.kernels import (fp8_linear, fp8_weight_only, linear, quantize_per_token, quantize_weight,
+                                skinny_linear)
 from pbs_engine.models.layers.parallel import SINGLE, TensorParallel
 
 
@@ -54,6 +55,11 @@ class Linear(nn.Module):
     def _matmul(self, x, bias):
         if self.weight_scale is None:
             return linear(x, self.weight, bias)
+        if not isinstance(x, tuple) and fp8_weight_only(x.reshape(-1, x.shape[-1])):  # decode rows: W8A16
+            shape = x.shape
+            y = skinny_linear(x.reshape(-1, shape[-1]), self.weight, bias, w_scale=self.weight_scale,
+                              out_dtype=self.out_dtype)
+            return y.view(*shape[:-1], -1)
         x_fp8, x_scale = x if isinstance(x, tuple) else quantize_per_token(x)  # a fused producer quantised already
         shape = x_fp8.shape
         y = fp8_linear(x_fp8.reshape(-1, shape[-1]), x_scale.reshape(-1, 1), self.weight, self.weight_scale, bias,
