@@ -45,6 +45,8 @@ class LLMEngine:
         elif config.max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's max_position_embeddings="
                              f"{model_config.max_position_embeddings}")
+        if model_config.quantization is not None and config.quantization is None:
+            config.quantization = model_config.quantization  # an FP8 checkpoint runs FP8, as vLLM does
         check_tensor_parallel(model_config, config.tensor_parallel_size)
         self.tokenizer = None if config.skip_tokenizer_init else Tokenizer(self.model_dir, config.chat_template)
         self.workers = None

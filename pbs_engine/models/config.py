@@ -30,6 +30,7 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     torch_dtype: str | None = None
+    quantization: str | None = None  # "fp8": the checkpoint holds e4m3 projections with scales (quantization_config)
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
@@ -83,6 +84,7 @@ class ModelConfig:
             tie_word_embeddings=_bool(raw, "tie_word_embeddings", source),
             attention_bias=arch == "Qwen2ForCausalLM" or _bool(raw, "attention_bias", source),
             torch_dtype=torch_dtype,
+            quantization=_checkpoint_quantization(raw.get("quantization_config"), source),
         )
 
     @classmethod
@@ -94,6 +96,37 @@ class ModelConfig:
 
 
 _REQUIRED = object()
+FP8_SCHEMES = "vLLM's fp8 (per-tensor or per-channel weight scales) or compressed-tensors FP8 (num_bits 8, type float, strategy tensor or channel)"
+
+
+def _checkpoint_quantization(q, source: str) -> str | None:
+    """'fp8' for a checkpoint whose quantization_config declares e4m3 weights with per-tensor or per-channel scales
+    (vLLM / HF `quant_method: fp8`, or `compressed-tensors` FP8); None without one; anything else is refused."""
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise InvalidConfigError(f"{source}: field 'quantization_config' must be an object, got {q!r}")
+    method = q.get("quant_method")
+    if method == "fp8":
+        if q.get("weight_block_size"):
+            raise InvalidConfigError(f"{source}: quantization_config.weight_block_size {q['weight_block_size']}: "
+                                     f"block-wise FP8 scales are not supported; supported: {FP8_SCHEMES}")
+        if q.get("fmt", "e4m3") != "e4m3":
+            raise InvalidConfigError(f"{source}: quantization_config.fmt {q.get('fmt')!r}: only e4m3 is supported")
+        return "fp8"
+    if method == "compressed-tensors":
+        groups = q.get("config_groups")
+        if not isinstance(groups, dict) or not groups:
+            raise InvalidConfigError(f"{source}: quantization_config.config_groups must name the quantised weights")
+        for name, group in groups.items():
+            weights = group.get("weights") if isinstance(group, dict) else None
+            if not (isinstance(weights, dict) and weights.get("num_bits") == 8 and weights.get("type") == "float"
+                    and weights.get("strategy") in ("tensor", "channel")):
+                raise InvalidConfigError(f"{source}: quantization_config.config_groups.{name}.weights {weights!r}: "
+                                         f"not supported; supported: {FP8_SCHEMES}")
+        return "fp8"
+    raise InvalidConfigError(f"{source}: quantization_config.quant_method {method!r} not supported; supported: "
+                             f"{FP8_SCHEMES}")
 
 
 def _int(raw: dict, name: str, source: str, default=_REQUIRED) -> int:

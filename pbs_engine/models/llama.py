@@ -101,8 +101,9 @@ class LlamaForCausalLM(nn.Module):
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
-    # checkpoint tensors that carry nothing we need
-    ignored_suffixes = ("rotary_emb.inv_freq",)
+    # checkpoint tensors that carry nothing we need (an FP8 checkpoint's static activation and KV scales: inputs
+    # are quantised per token as they come)
+    ignored_suffixes = ("rotary_emb.inv_freq", ".input_scale", ".k_scale", ".v_scale", ".kv_scale")
 
     def __init__(self, cfg: ModelConfig, max_position: int, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -119,14 +120,15 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def quantize_fp8(self) -> None:
-        """FP8 (W8A8) decoder layers: every projection's weight to e4m3 with per-channel scales, and the RMSNorms
-        and SiLU-and-mul before them emit e4m3 rows with per-token scales (the attention output is quantised by
-        o_proj itself). Embeddings and the LM head stay in the model's dtype."""
+    def quantize_fp8(self, from_checkpoint: bool = False) -> None:
+        """FP8 (W8A8) decoder layers: every projection's weight to e4m3 with per-channel scales (from_checkpoint:
+        empty e4m3 weights and scales, for an FP8 checkpoint's tensors), and the RMSNorms and SiLU-and-mul before
+        them emit e4m3 rows with per-token scales (the attention output is quantised by o_proj itself). Embeddings
+        and the LM head stay in the model's dtype."""
         for layer in self.model.layers:
             for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                            layer.mlp.down_proj):
-                linear.quantize_fp8()
+                linear.prepare_fp8_checkpoint() if from_checkpoint else linear.quantize_fp8()
             layer.input_layernorm.quantize_output = True
             layer.post_attention_layernorm.quantize_output = True
             layer.mlp.act.quantize_output = True

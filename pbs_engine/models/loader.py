@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from pbs_engine.kernels import FP8_DTYPE
 from pbs_engine.models.config import ModelConfig
 from pbs_engine.models.errors import (
     CorruptCheckpointError,
@@ -66,11 +67,21 @@ def load_weights(model: LlamaForCausalLM, checkpoint: dict[Path, dict[str, Tenso
             if name.endswith(model.ignored_suffixes) or (name == "lm_head.weight" and model.config.tie_word_embeddings):
                 continue
             key, target, index, shape = _destination(model, params, modules, name, path)
-            if info.dtype not in FLOAT_DTYPES:
+            if target.dtype == FP8_DTYPE:  # an FP8 checkpoint's projection, loaded as it is
+                if info.dtype != "F8_E4M3":
+                    raise UnsupportedDtypeError(f"{path}: tensor {name!r} has dtype {info.dtype} in an FP8 checkpoint "
+                                                "(quantization_config); its projections must be F8_E4M3")
+            elif info.dtype not in FLOAT_DTYPES:
                 raise UnsupportedDtypeError(
                     f"{path}: tensor {name!r} has dtype {info.dtype}; weights must be {', '.join(FLOAT_DTYPES)}")
-            if info.shape != shape:
-                raise ShapeMismatchError(f"{path}: tensor {name!r} has shape {info.shape}, the model expects {shape}")
+            scale = name.endswith(".weight_scale")
+            if scale and info.shape in ((), (1,), (1, 1)):  # one scale for the whole tensor
+                index = ()
+            elif scale and info.shape == (*shape, 1):  # one per output channel, as a column
+                index = (*index, slice(None)) if index else ()
+            elif info.shape != shape:
+                raise ShapeMismatchError(f"{path}: tensor {name!r} has shape {info.shape}, the model expects {shape}"
+                                         + (" (or one scale per tensor)" if scale else ""))
             plan[path].append((name, target, index))
             loaded.add(key)
     missing = sorted(_expected_keys(model, params, modules) - loaded)
@@ -84,6 +95,8 @@ def load_weights(model: LlamaForCausalLM, checkpoint: dict[Path, dict[str, Tenso
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 for name, target, index in targets:
                     part = f.get_slice(name)[index] if index else f.get_tensor(name)
+                    if name.endswith(".weight_scale"):  # (rows,), (rows, 1) or one for all rows
+                        part = part.reshape(-1).expand(target.shape[0]) if part.numel() == 1 else part.reshape(-1)
                     target[:part.shape[0]].copy_(part)  # a padded vocabulary slice keeps zero rows at its end
         except SafetensorError as e:
             raise CorruptCheckpointError(f"{path}: {e}") from e
@@ -131,7 +144,9 @@ def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
                 quantization: str | None = None) -> LlamaForCausalLM:
     """Instantiate the architecture config.json names directly on `device` in `dtype`, then load its weights
     ("auto"), or fill them with random values ("dummy": config.json alone suffices; for speed runs, never quality);
-    quantization "fp8": the decoder's projections in e4m3 (LlamaForCausalLM.quantize_fp8)."""
+    quantization "fp8": the decoder's projections in e4m3 (LlamaForCausalLM.quantize_fp8); an FP8 checkpoint
+    (config.json's quantization_config, ModelConfig.quantization) is loaded as it is, its e4m3 weights and
+    per-tensor or per-channel scales into the same layout."""
     model_dir = Path(model_dir)
     checkpoint = {f: read_safetensors_header(f) for f in checkpoint_files(model_dir)} if load_format == "auto" else {}
     cfg = config or ModelConfig.from_dir(model_dir)  # the engine passes the one it read
@@ -142,11 +157,14 @@ def build_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype,
             model = MODEL_CLASSES[cfg.architecture](cfg, max_position, tp)
     finally:
         torch.set_default_dtype(previous)
+    fp8_checkpoint = cfg.quantization == "fp8" and load_format != "dummy"
     if load_format == "dummy":
         randomise(model)
     else:
+        if fp8_checkpoint:  # e4m3 projections and their scales, loaded as they are
+            model.quantize_fp8(from_checkpoint=True)
         load_weights(model, checkpoint, device)
-    if quantization == "fp8":
+    if (quantization == "fp8" or cfg.quantization == "fp8") and not fp8_checkpoint:
         model.quantize_fp8()
     return model.eval()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pbs_engine.kernels import (fp8_linear, fp8_weight_only, linear, quantize_per_token, quantize_weight,
+from pbs_engine.kernels import (FP8_DTYPE, fp8_linear, fp8_weight_only, linear, quantize_per_token, quantize_weight,
                                 skinny_linear)
 from pbs_engine.models.layers.parallel import SINGLE, TensorParallel
 
@@ -36,6 +36,14 @@ class Linear(nn.Module):
         w_fp8, scale = quantize_weight(self.weight.data)
         self.weight = nn.Parameter(w_fp8, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def prepare_fp8_checkpoint(self) -> None:
+        """Empty e4m3 weight and float32 per-channel scales for an FP8 checkpoint to be loaded into as it is."""
+        self.out_dtype = self.weight.dtype
+        shape, device = self.weight.shape, self.weight.device
+        self.weight = nn.Parameter(torch.empty(shape, dtype=FP8_DTYPE, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(shape[0], dtype=torch.float32, device=device),
+                                         requires_grad=False)
 
     def shard_rows(self, shard: int) -> slice:
         """The rows of the weight (and bias) that checkpoint projection `shard` fills."""
