@@ -167,7 +167,8 @@ def decode_tile_rows(contexts: list[int], batch: int) -> list[dict]:
 SKINNY_SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944),
                  "lm_head": (152064, 3584)}  # Qwen2.5-7B decode projections (N, K)
 SKINNY_TILES = [(32, 256, 1, 4, 4), (32, 256, 2, 4, 4), (32, 256, 4, 4, 4), (64, 256, 1, 4, 4),
-                (64, 128, 2, 4, 4), (16, 256, 4, 4, 4), (32, 512, 2, 4, 3), (32, 128, 4, 4, 4)]
+                (64, 128, 2, 4, 4), (32, 512, 2, 4, 3), (32, 128, 4, 4, 4), (32, 512, 4, 8, 4), (32, 512, 8, 8, 3),
+                (16, 512, 8, 4, 4), (64, 512, 2, 8, 4)]  # (BLOCK_N, BLOCK_K, SPLIT, num_warps, num_stages)
 
 
 def skinny_tile_rows(row_counts: list[int]) -> list[dict]:
