@@ -49,3 +49,14 @@ def test_serve_benchmark_runs_on_the_cpu_at_small_sizes(smollm2_path, capsys):
                  "--max-num-batched-tokens", "128", "--baseline-steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "streams' inter-token gap p99" in out and "short prompts' TTFT" in out and "long prompt's TTFT" in out
+
+
+def test_cpu_benchmark_prints_ours_and_hf_on_the_same_prompt(smollm2_path, tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert main(["bench", "cpu", "--model", str(smollm2_path), "--length", "64", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    assert "hf_over_ours" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "pbs"]
+    for r in rows:
+        assert r["tokens"] == 64 and r["ours_s"] > 0 and r["hf_s"] > 0 and r["hf_over_ours"] == r["hf_s"] / r["ours_s"]
