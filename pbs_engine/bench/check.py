@@ -202,8 +202,7 @@ def skinny_tile_rows(row_counts: list[int]) -> list[dict]:
             add("scaled_mm-fp8", "-", lambda: fp8_linear_scaled_mm(x8, xs, w8, ws), w.numel())
             for dtype, weight, nbytes in (("bf16", w, 2), ("fp8", w8, 1)):
                 default = skinny_tiles(n, k, m, nbytes, sms)
-                for tiles in [default] + [(bn, 512 // nbytes if bk is None else bk, sp, wp, st)
-                                          for bn, bk, sp, wp, st in SKINNY_TILES]:
+                for tiles in [default, *SKINNY_TILES]:
                     scales = {} if dtype == "bf16" else {"x_scale": xs, "w_scale": ws, "out_dtype": torch.bfloat16}
                     xin = x if dtype == "bf16" else x8
                     add(f"skinny-{dtype}" + ("*" if tiles == default else ""), tiles,

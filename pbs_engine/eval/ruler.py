@@ -2,6 +2,7 @@
 (task, length) cell, its accuracy and the mean prefill density of its requests (read from the server's /metrics)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -98,10 +99,11 @@ def run_ruler(flags: list[str], model_dir: Path, tasks: list[str], lengths: list
     read back instead of run again (a method with all its cells done starts no server)."""
     lm_eval, completions_api = _import_lm_eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    serve_flags = {m: [*flags, *method_flags(m), "--no-enable-prefix-caching",  # each request prefills all its
+                       "--max-model-len", str(max_len), "--served-model-name", m] for m in methods}  # prompt
     done = {}
     for method in methods:
-        serve = [*flags, *method_flags(method), "--no-enable-prefix-caching",  # each request prefills all its prompt
-                 "--max-model-len", str(max_len), "--served-model-name", method]
+        serve = serve_flags[method]
         for task in tasks:
             for n in lengths:
                 cell = _finished_cell(out_dir / "raw" / method, task, n, serve, samples) if resume else None
@@ -113,9 +115,7 @@ def run_ruler(flags: list[str], model_dir: Path, tasks: list[str], lengths: list
     loaded = load_tasks(sorted({task for task, _ in todo}), sized, model_dir, samples) if todo else {}
     cells = []
     for method in methods:
-        raw = out_dir / "raw" / method
-        serve = [*flags, *method_flags(method), "--no-enable-prefix-caching",
-                 "--max-model-len", str(max_len), "--served-model-name", method]
+        raw, serve = out_dir / "raw" / method, serve_flags[method]
         if all((method, task, n) in done for task in tasks for n in lengths):
             cells += [done[method, task, n] for task in tasks for n in lengths]
             continue
@@ -165,11 +165,18 @@ def sample_cache(task: str, length: int, model_dir: Path, samples: int | None) -
 
     from pbs_engine.engine.model_source import cache_root
 
-    digest = hashlib.sha256(f"{lm_eval.__version__}|{task}|{length}|{samples}".encode())
+    digest = hashlib.sha256(f"{lm_eval.__version__}|{task}|{length}|{samples}|{_tokenizer_digest(model_dir)}".encode())
+    return cache_root() / "ruler" / f"{task}-{length}-{samples or 'all'}-{digest.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_digest(model_dir: Path) -> str:
+    """The tokenizer files' hash, read once per model directory (tokenizer.json runs to megabytes)."""
+    digest = hashlib.sha256()
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             digest.update(name.encode() + (model_dir / name).read_bytes())
-    return cache_root() / "ruler" / f"{task}-{length}-{samples or 'all'}-{digest.hexdigest()[:16]}"
+    return digest.hexdigest()
 
 
 def load_tasks(tasks: list[str], lengths: list[int], model_dir: Path, samples: int | None,

@@ -32,9 +32,7 @@ def skinny_tiles(n: int, k: int, rows: int, weight_bytes: int, sms: int) -> tupl
 @triton.jit
 def _skinny_kernel(X, XS, W, WS, B, Y, P, M, N, K, k_per_split, s_xm, s_wn, s_ym,
                    HAS_XS: tl.constexpr, HAS_WS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                   ROWS: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-                   BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   ROWS: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (column tile n, K slice s): rows [0, M) x columns of tile n over K in [s * k_per_split, +k_per_split).
     # SPLIT == 1: scales, bias and the cast applied here, stored to Y; else the raw float32 partial goes to
     # P (SPLIT, M, N) for _skinny_reduce.
@@ -55,7 +53,7 @@ def _skinny_kernel(X, XS, W, WS, B, Y, P, M, N, K, k_per_split, s_xm, s_wn, s_ym
         if IEEE:  # float32 operands: no tf32 rounding
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
-            acc = tl.dot(x.to(tl.float32).to(DOT), tl.trans(w.to(tl.float32).to(DOT)), acc)
+            acc = tl.dot(x.to(tl.float32).to(tl.bfloat16), tl.trans(w.to(tl.float32).to(tl.bfloat16)), acc)
     if SPLIT == 1:
         if HAS_XS:
             acc = acc * tl.load(XS + offs_m, mask=offs_m < M, other=0.0)[:, None]
@@ -123,9 +121,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, xs if xs is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, y, partial, rows, n, k, k_per_split, x.stride(0), weight.stride(0),
         y.stride(0), HAS_XS=xs is not None, HAS_WS=w_scale is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        ROWS=row_pad, DOT=tl.bfloat16 if half else tl.float32, IEEE=not half,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        ROWS=row_pad, IEEE=not half, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     if split > 1:
         block = 1024 if x.is_cuda else 64
         _skinny_reduce[(rows, triton.cdiv(n, block))](
