@@ -16,7 +16,8 @@ from pbs_engine.kernels.importance import key_importance_ref, key_importance_tri
 from pbs_engine.kernels.paged_decode import paged_decode_triton
 from pbs_engine.kernels.pbs_prefill import pbs_attention_triton, pbs_prefill_triton
 from pbs_engine.kernels.selection import pbs_select
-from pbs_engine.kernels.rope import apply_rope_triton, build_cos_sin_cache, rope_inv_freq
+from pbs_engine.kernels.rope import (apply_rope_triton, build_cos_sin_cache, rope_and_cache_ref,
+                                     rope_and_cache_triton, rope_inv_freq)
 
 HEADS = (28, 4, 128)  # Qwen2.5-7B: query heads, KV heads, head dim
 DENSE_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2)]
@@ -85,6 +86,13 @@ def check_rows() -> list[dict]:
     q, k = torch.randn(1000, 28, 128, device=dev, dtype=bf), torch.randn(1000, 4, 128, device=dev, dtype=bf)
     ours, ref = apply_rope_triton(q, k, pos, cache), apply_rope_ref(q, k, pos, cache)
     row("rope", "positions up to 40K", max(rel(ours[0], ref[0]), rel(ours[1], ref[1])), 1e-2)
+    v, slots = torch.randn_like(k), torch.randperm(4000, device=dev)[:1000]
+    caches = [torch.randn(4000, 4, 128, device=dev, dtype=bf) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    ours = rope_and_cache_triton(q, k, v, pos, cache, slots, *caches)
+    ref = rope_and_cache_ref(q, k, v, pos, cache, slots, *ref_caches)
+    row("rope_and_cache", "1000 tokens into a 4000-slot cache",
+        max(rel(a, b) for a, b in zip((*ours, *caches), (*ref, *ref_caches))), 1e-2)
     return rows
 
 

@@ -24,6 +24,7 @@ _MODULES = {
     "pbs_prefill": "pbs_prefill", "pbs_prefill_ref": "pbs_prefill",
     "PBSSelection": "selection", "PBSStats": "selection", "pbs_select": "selection",
     "apply_rope": "rope", "apply_rope_ref": "rope", "build_cos_sin_cache": "rope", "rope_inv_freq": "rope",
+    "rope_and_cache": "rope", "rope_and_cache_ref": "rope",
 }
 
 __all__ = sorted(_MODULES)

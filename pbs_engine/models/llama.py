@@ -34,8 +34,8 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v.contiguous(), meta)
+        q, k, v, stored = self.attn.rotate_and_store(self.rotary, positions, q, k, v, meta)
+        o = self.attn(q, k, v, meta, stored=stored)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 

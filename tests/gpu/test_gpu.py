@@ -52,6 +52,27 @@ def test_paged_decode_bf16(batch, ctx):
     assert rel_err(paged_decode(q, kc, vc, tables, lens), paged_decode_ref(q, kc, vc, tables, lens)) < 1e-2
 
 
+@pytest.mark.parametrize("hq, hkv, d", [(28, 4, 128), (14, 2, 64)])
+@pytest.mark.parametrize("t", [1, 64, 3000])
+def test_rope_and_cache_bf16(t, hq, hkv, d):
+    """RoPE fused with the KV-cache write, on the strided q/k/v views of one qkv projection, against the reference
+    (within a bf16 rounding: the GPU fuses the multiply-adds); v and its cache rows exactly."""
+    from pbs_engine.kernels.rope import build_cos_sin_cache, rope_and_cache_ref, rope_and_cache_triton, rope_inv_freq
+
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    cos_sin = build_cos_sin_cache(rope_inv_freq(d, 1e6), 40000).float().cuda()
+    pos = torch.randint(0, 40000, (t,), device="cuda")
+    slots = torch.randperm(4 * t + 256, device="cuda")[:t]
+    caches = [torch.randn(4 * t + 256, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    ours = rope_and_cache_triton(q, k, v, pos, cos_sin, slots, *caches)
+    ref = rope_and_cache_ref(q, k, v, pos, cos_sin, slots, *ref_caches)
+    for a, b in zip((*ours, *caches), (*ref, *ref_caches)):
+        torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+    assert torch.equal(ours[2], v) and torch.equal(caches[1], ref_caches[1])
+
+
 def test_engine_cuda_graphs_match_eager(tmp_path):
     import json
 

@@ -1,4 +1,5 @@
-"""The attention backend: writes new K/V into the paged cache, then runs dense or PBS prefill, or paged decode.
+"""The attention backend: writes new K/V into the paged cache (fused with RoPE where it can), then runs dense or
+PBS prefill, or paged decode.
 
 The runner builds one `AttentionMetadata` per forward pass and hands it down explicitly; kernels choose Triton on
 CUDA tensors and their PyTorch references elsewhere.
@@ -10,9 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pbs_engine.kernels import PBSConfig, flash_prefill, paged_decode, pbs_prefill
+from pbs_engine.kernels import PBSConfig, flash_prefill, paged_decode, pbs_prefill, rope_and_cache
 from pbs_engine.kernels.paged_decode import dequantize_kv, quantize_kv
 from pbs_engine.kernels.selection import dense_stats
+from pbs_engine.models.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -20,7 +22,7 @@ class AttentionMetadata:
     """What one forward pass needs to know about its batch. Prefill batches are varlen; decode is one token/seq."""
 
     is_prefill: bool  # False: every row is a decode token; True: prefill chunks, after num_decode_tokens decode rows
-    slot_mapping: torch.Tensor | None  # (T,) int64 flat cache slot (block * page + offset) per new token; None: no cache
+    slot_mapping: torch.Tensor | None  # (T,) int64 cache slot (block * page + offset) per new token; None: no cache
     block_tables: torch.Tensor | None = None  # (B, max_blocks) int32, decode rows' sequences first
     num_decode_tokens: int = 0  # in a mixed batch: the first rows are one decode token per running sequence
     # prefill rows
@@ -59,10 +61,26 @@ class Attention(nn.Module):
         self.k_scale: torch.Tensor | None = None  # FP8 cache only
         self.v_scale: torch.Tensor | None = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.k_cache is not None and meta.slot_mapping is not None:
-            flat_k = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-            flat_v = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+    def _flat_caches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(c.view(-1, self.num_kv_heads, self.head_dim) for c in (self.k_cache, self.v_cache))
+
+    def rotate_and_store(self, rotary: RotaryEmbedding, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, meta: AttentionMetadata
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """(q, k, v, stored): q and k rotated by their positions, v contiguous; with a cache in the model's dtype the
+        same kernel also writes k and v into it (stored True: pass it to forward, which then skips its write), one
+        launch where RoPE, a copy and two index_puts were. An FP8 cache is still written, quantised, by forward."""
+        if self.k_cache is None or meta.slot_mapping is None or self.k_scale is not None:
+            q, k = rotary(positions, q, k)
+            return q, k, v.contiguous(), False
+        q, k, v = rope_and_cache(q, k, v, positions, rotary.cos_sin_cache, meta.slot_mapping, *self._flat_caches())
+        return q, k, v, True
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                stored: bool = False) -> torch.Tensor:
+        """stored: k and v are already in the cache (rotate_and_store wrote them)."""
+        if not stored and self.k_cache is not None and meta.slot_mapping is not None:
+            flat_k, flat_v = self._flat_caches()
             if self.k_scale is None:
                 flat_k[meta.slot_mapping] = k.to(flat_k.dtype)
                 flat_v[meta.slot_mapping] = v.to(flat_v.dtype)
@@ -73,8 +91,8 @@ class Attention(nn.Module):
                     scales.view(-1, self.num_kv_heads)[meta.slot_mapping] = sc
         scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         if not meta.is_prefill:
-            return paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, sm_scale=self.scale,
-                                **scales)
+            return paged_decode(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                                sm_scale=self.scale, **scales)
         nd = meta.num_decode_tokens
         if nd == 0:
             return self._prefill(q, k, v, meta)
