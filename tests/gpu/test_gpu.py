@@ -73,6 +73,21 @@ def test_rope_and_cache_bf16(t, hq, hkv, d):
     assert torch.equal(ours[2], v) and torch.equal(caches[1], ref_caches[1])
 
 
+def assert_greedy_close(a, b, what: str) -> None:
+    """Greedy outputs (token ids, logprobs) of two runs that differ only in batching or kernels agree, or first part
+    where each picked token is in the other's top 5 (a near tie that float rounding may flip, as vLLM's
+    check_logprobs_close allows); the rest of the sequence is then free to differ."""
+    for i, ((ids_a, lp_a), (ids_b, lp_b)) in enumerate(zip(a, b)):
+        for pos, (x, y) in enumerate(zip(ids_a, ids_b)):
+            if x != y:
+                assert x in lp_b[pos] and y in lp_a[pos], f"{what}: prompt {i} token {pos}: {x} vs {y}, not a near tie"
+                break
+
+
+def greedy(llm, prompts, params):
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(prompts, params)]
+
+
 def test_engine_cuda_graphs_match_eager(tmp_path):
     import json
 
@@ -81,20 +96,22 @@ def test_engine_cuda_graphs_match_eager(tmp_path):
 
     cfg = dict(QWEN25_7B_1M, num_hidden_layers=4, max_position_embeddings=32768)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    prompts = [{"prompt_token_ids": torch.randint(100, 20000, (n,)).tolist()} for n in (5, 300, 2000, 9000)]
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [{"prompt_token_ids": torch.randint(100, 20000, (n,), generator=gen).tolist()}
+               for n in (5, 300, 2000, 9000)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=5)
     outs = {}
     for eager in (False, True):
         llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, enforce_eager=eager,
                   attention="dense", gpu_memory_utilization=0.5, max_model_len=16384)
-        outs[eager] = [o.token_ids for o in llm.generate(prompts, params)]
-        single = [llm.generate(p, params)[0].token_ids for p in prompts]
-        assert single == outs[eager]
+        outs[eager] = greedy(llm, prompts, params)
+        single = [greedy(llm, p, params)[0] for p in prompts]
+        assert_greedy_close(single, outs[eager], f"one at a time vs batched, eager={eager}")
         stats = llm.stats()
         assert stats["kv_free_blocks"] == stats["kv_total_blocks"]
         del llm
         torch.cuda.empty_cache()
-    assert outs[False] == outs[True]
+    assert_greedy_close(outs[False], outs[True], "CUDA graphs vs eager")
 
 
 @pytest.mark.parametrize("batch, ctx", [(1, 70000), (64, 3000)])
@@ -129,14 +146,14 @@ def test_engine_fp8_runs_with_cuda_graphs_and_chunks(tmp_path, options):
     cfg = dict(QWEN25_7B_1M, num_hidden_layers=4, max_position_embeddings=65536)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     prompt = {"prompt_token_ids": torch.randint(100, 20000, (40000,)).tolist()}
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=5)
     outs = {}
     for eager in (False, True):
         llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, enforce_eager=eager,
                   gpu_memory_utilization=0.5, max_model_len=65536, max_num_batched_tokens=16384,
                   pbs=PBSConfig(min_length=0), **options)
-        outs[eager] = llm.generate(prompt, params)[0].token_ids
-        assert len(outs[eager]) == 16
+        outs[eager] = greedy(llm, prompt, params)
+        assert len(outs[eager][0][0]) == 16
         del llm
         torch.cuda.empty_cache()
-    assert outs[False] == outs[True]
+    assert_greedy_close(outs[False], outs[True], f"CUDA graphs vs eager, {options}")
