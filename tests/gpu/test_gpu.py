@@ -74,7 +74,7 @@ def test_rope_and_cache_bf16(t, hq, hkv, d):
 
 
 def assert_greedy_close(a, b, what: str) -> None:
-    """Greedy outputs (token ids, logprobs) of two runs that differ only in batching or kernels agree, or first part
+    """Greedy outputs (token ids, logprobs) of two runs that differ only in batching or kernels agree, or first differ
     where each picked token is in the other's top 5 (a near tie that float rounding may flip, as vLLM's
     check_logprobs_close allows); the rest of the sequence is then free to differ."""
     for i, ((ids_a, lp_a), (ids_b, lp_b)) in enumerate(zip(a, b)):
