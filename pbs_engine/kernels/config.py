@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 BLOCK_SCORES = ("mean", "lse")
+QUERY_POOLS = ("mean", "last")
+REP_COMBINES = ("union", "mean")
 
 
 # one line per field for the CLI's --pbs-* flags (pbs_engine/cli/common.py generates them from the fields)
@@ -16,6 +18,10 @@ HELP = {
     "dense_last_blocks": "the last this many query blocks of each prefill call attend to every key block",
     "block_score": "score a block by mean-pooled keys (mean) or by the pooled query's attention mass in it (lse)",
     "query_reps": "pooled queries per query block; a key block is kept if any of them selects it",
+    "query_pool": "each group's representative query: the mean of its queries (mean) or its last query (last)",
+    "rep_combine": "threshold mode: keep the union of the pooled queries' choices (union), or one choice from "
+                   "their mean block probabilities (mean)",
+    "local_blocks": "the this many key blocks just before each query block's diagonal segment are always kept",
     "min_length": "prefill calls whose context (cached prefix + chunk) is shorter than this many tokens run dense "
                   "attention (default: measured per device, docs/prefill.md)",
 }
@@ -48,6 +54,14 @@ class PBSConfig:
     # groups, each scored on its own; a key block is kept when any group's threshold selection keeps it (budget
     # mode ranks blocks by their largest share over the groups). One mean per 128 queries averages away the
     # queries that look far back for one thing (copying, retrieval); 1 = the paper's one mean per block
+    query_pool: str = "mean"  # a pooled query is the mean of its group of block_size / query_reps queries ("mean");
+    # "last": the group's last query, a real query with a real query's sharpness (a mean of 32 rotated queries is
+    # shorter, so its softmax over blocks is flatter than any of theirs)
+    rep_combine: str = "union"  # threshold mode: a key block is kept when any pooled query's choice keeps it
+    # ("union"); "mean": one choice from the pooled queries' mean block probabilities, an estimate of the block's
+    # average attention mass over its queries
+    local_blocks: int = 0  # always keep the this many key blocks just before the diagonal segment (a sliding
+    # window that reaches back past the segment start: a query at a segment's start otherwise sees only itself)
     min_length: int | None = None  # a prefill call whose context is shorter runs dense; None: CUDA_DENSE_BELOW on
     # a GPU (measured there: below it selection and launch costs exceed what sparsity saves), 0 on the CPU
 
@@ -63,6 +77,9 @@ class PBSConfig:
             (self.query_reps >= 1 and self.block_size % self.query_reps == 0, "query_reps",
              "must be >= 1 and divide block_size"),
             (self.block_score in BLOCK_SCORES, "block_score", f"must be one of {', '.join(BLOCK_SCORES)}"),
+            (self.query_pool in QUERY_POOLS, "query_pool", f"must be one of {', '.join(QUERY_POOLS)}"),
+            (self.rep_combine in REP_COMBINES, "rep_combine", f"must be one of {', '.join(REP_COMBINES)}"),
+            (self.local_blocks >= 0, "local_blocks", "must be >= 0"),
             (self.min_length is None or self.min_length >= 0, "min_length", "must be >= 0"),
         ]
         for ok, name, why in checks:

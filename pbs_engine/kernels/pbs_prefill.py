@@ -54,12 +54,14 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
             # PBS: 2. Block scoring
             sub = bs // cfg.query_reps  # pooled queries: the means of the block's groups of `sub` queries
             pooled = [range(r0, min(rows.stop, r0 + sub)) for r0 in range(rows.start, rows.stop, sub)]
+            pooled += pooled[-1:] * (cfg.query_reps - len(pooled))  # a short last block repeats its last group
             for hg in range(group):
                 per_pool = []  # per pooled query: block -> probability
                 for pool in pooled:
                     mass = dict.fromkeys(vis, 0.0)
                     if soft:
-                        qmean = qg[pool.start:pool.stop, hg].mean(0)
+                        qmean = qg[pool.stop - 1, hg] if cfg.query_pool == "last" else qg[pool.start:pool.stop,
+                                                                                               hg].mean(0)
                         if cfg.block_score == "lse":  # the mean query's attention mass per block
                             blocks = [(qmean @ kp[j * bs:(j + 1) * bs].T * scale).logsumexp(0) for j in soft]
                             p = torch.stack(blocks).softmax(-1)
@@ -70,6 +72,8 @@ def pbs_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: P
                 # PBS: 3. Selection
                 if cfg.budget is not None or cfg.threshold >= 1.0:  # one choice by each block's largest probability
                     per_pool = [{j: max(mass[j] for mass in per_pool) for j in vis}]
+                elif cfg.rep_combine == "mean":  # one choice by the mean probability over the pooled queries
+                    per_pool = [{j: sum(mass[j] for mass in per_pool) / len(per_pool) for j in vis}]
                 chosen: set[int] = set()  # the union of the pooled queries' choices
                 for mass in per_pool:
                     cands = sorted((j for j in vis if j not in forced), key=lambda j: -mass[j])

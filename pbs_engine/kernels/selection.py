@@ -79,8 +79,10 @@ def block_geometry(cfg: PBSConfig, n: int, n_kv: int, device: torch.device | str
     block_seg = j * bs // seg * seg
     earliest = block_seg if cfg.permute else j * bs
     visible = earliest[None, :] <= q_last[:, None]
-    diag = visible & (block_seg[None, :] >= (q_first // seg * seg)[:, None])
-    forced = diag | (visible & ((j == 0)[None, :] | (m >= nqb - cfg.dense_last_blocks)[:, None]))
+    seg_start = (q_first // seg * seg)[:, None]
+    diag = visible & (block_seg[None, :] >= seg_start)
+    local = (j * bs)[None, :] >= seg_start - cfg.local_blocks * bs  # the local_blocks blocks before the segment
+    forced = diag | (visible & (local | (j == 0)[None, :] | (m >= nqb - cfg.dense_last_blocks)[:, None]))
     return BlockGeometry(visible=visible, diag=diag, forced=forced)
 
 
@@ -119,11 +121,16 @@ def _block_means(x: torch.Tensor, n: int, block: int) -> torch.Tensor:
 
 
 def _rep_means(q: torch.Tensor, n: int, cfg: PBSConfig) -> torch.Tensor:
-    """q (N, Hq, D) -> (Hq, nqb, reps, D) float32 means of each query block's `query_reps` consecutive groups of
-    block_size / query_reps queries; a last query block too short for all its groups repeats its last mean (the
-    union or maximum over groups is unchanged by that)."""
-    reps, nqb = cfg.query_reps, -(-n // cfg.block_size)
-    means = _block_means(q.transpose(0, 1), n, cfg.block_size // reps)
+    """q (N, Hq, D) -> (Hq, nqb, reps, D) float32 pooled queries of each query block's `query_reps` consecutive
+    groups of block_size / query_reps queries: their means, or (query_pool "last") each group's last query; a last
+    query block too short for all its groups repeats its last one (the union, maximum or mean over groups then
+    weighs the real groups as if the block were whole)."""
+    reps, nqb, sub = cfg.query_reps, -(-n // cfg.block_size), cfg.block_size // cfg.query_reps
+    if cfg.query_pool == "last":
+        last = torch.arange(sub - 1, -(-n // sub) * sub, sub, device=q.device).clamp(max=n - 1)
+        means = q[last].transpose(0, 1).float()
+    else:
+        means = _block_means(q.transpose(0, 1), n, sub)
     if means.shape[1] < nqb * reps:
         means = means[:, torch.arange(nqb * reps, device=q.device).clamp(max=means.shape[1] - 1)]
     return means.view(q.shape[1], nqb, reps, q.shape[2])
@@ -147,6 +154,8 @@ def _choose_reps(probs: torch.Tensor, visible: torch.Tensor, forced: torch.Tenso
     pooled query's threshold choice, or (budget, threshold 1) the choice by the largest probability per block."""
     if cfg.budget is not None or cfg.threshold >= 1.0 or probs.shape[1] == 1:
         return _choose(probs.amax(1), visible, forced, cfg)
+    if cfg.rep_combine == "mean":
+        return _choose(probs.mean(1), visible, forced, cfg)
     h, reps, nqb, nkb = probs.shape
     return _choose(probs.reshape(h * reps, nqb, nkb), visible, forced, cfg).view(h, reps, nqb, nkb).any(1)
 
@@ -281,12 +290,14 @@ def _threshold_keep(probs, j, forced, candidate, n_sel, n_cand, threshold, MODE:
 
 @triton.jit
 def _choose_kernel(S, KIND, NSEL, IDX, CNT, nkb, threshold, s_sh, s_sm, s_km, s_ih, s_im, s_ch,
-                   MODE: tl.constexpr, NKB: tl.constexpr, REPS: tl.constexpr, CANDIDATES_ONLY: tl.constexpr):
+                   MODE: tl.constexpr, NKB: tl.constexpr, REPS: tl.constexpr, CANDIDATES_ONLY: tl.constexpr,
+                   MEAN: tl.constexpr):
     # Program (query head h, query block m): the same decision as `_choose_reps` + `_compact` for one query block.
     # S (Hq x REPS, nqb, nkb) scores, row h x REPS + r for pooled query r; KIND (nqb, nkb) int8 block geometry:
     # 0 hidden, 1 candidate, 2 forced, 3 forced in the diagonal segment. Per pooled query the softmax of its
     # scores; the union of the pooled queries' threshold choices (MODE 0), or one choice by their largest
-    # probability per block (MODE 1: budget, NSEL[m] selected blocks precomputed; 2: every candidate). Writes the
+    # probability per block (MODE 1: budget, NSEL[m] selected blocks precomputed; 2: every candidate); MEAN (with
+    # MODE 0): one threshold choice from their mean probabilities (rep_combine "mean"). Writes the
     # kept blocks ascending to IDX (Hq, nqb, >= nkb) and their number to CNT (Hq, nqb).
     h = tl.program_id(0)
     m = tl.program_id(1)
@@ -308,11 +319,15 @@ def _choose_kernel(S, KIND, NSEL, IDX, CNT, nkb, threshold, s_sh, s_sm, s_km, s_
     top = tl.zeros([NKB], dtype=tl.float32)
     for r in range(REPS):
         probs = _pooled_probs(S, h * REPS + r, m, j, real, soft, s_sh, s_sm)
-        if MODE == 0:
+        if MEAN:
+            top += probs
+        elif MODE == 0:
             chosen = chosen | _threshold_keep(probs, j, forced, candidate, n_sel, n_cand, threshold, MODE)
         else:  # the largest probability over pooled queries: the budget's ranking
             top = tl.maximum(top, probs)
-    if MODE != 0:
+    if MEAN:
+        chosen = _threshold_keep(top / REPS, j, forced, candidate, n_sel, n_cand, threshold, MODE)
+    elif MODE != 0:
         chosen = _threshold_keep(top, j, forced, candidate, n_sel, n_cand, threshold, MODE)
     keep = (forced | chosen).to(tl.int32)
     slot = tl.cumsum(keep, 0) - 1
@@ -343,6 +358,7 @@ def choose_triton(scores: torch.Tensor, geo: BlockGeometry, cfg: PBSConfig) -> t
         scores, kind, n_sel, idx, counts, nkb, cfg.threshold,
         scores.stride(0), scores.stride(1), kind.stride(0), idx.stride(0), idx.stride(1), counts.stride(0),
         MODE=mode, NKB=width, REPS=reps, CANDIDATES_ONLY=cfg.block_score == "lse",
+        MEAN=mode == 0 and reps > 1 and cfg.rep_combine == "mean",
         num_warps=(8 if width >= 2048 else 4) if on_gpu else 1)
     return idx, counts
 

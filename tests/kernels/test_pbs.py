@@ -34,6 +34,9 @@ CONFIGS = {
     "query-reps": PBSConfig(threshold=0.6, **{**SMALL, "query_reps": 4}),
     "query-reps-mean": PBSConfig(threshold=0.6, block_score="mean", **{**SMALL, "query_reps": 2}, permute=True),
     "query-reps-budget": PBSConfig(budget=0.3, **{**SMALL, "query_reps": 4}),
+    "reps-mean-combine": PBSConfig(threshold=0.6, rep_combine="mean", **{**SMALL, "query_reps": 4}),
+    "last-query-pool": PBSConfig(threshold=0.6, query_pool="last", **{**SMALL, "query_reps": 2}),
+    "local-blocks": PBSConfig(threshold=0.5, local_blocks=2, dense_last_blocks=0, **SMALL),
 }
 
 
@@ -65,6 +68,17 @@ def test_first_block_and_diagonal_segment_survive_any_budget():
     for m in range(128 // 16):
         kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
         assert kept == {0} | set(range(m * 16 // 32 * 2, m * 16 // 32 * 2 + 2))
+
+
+@pytest.mark.parametrize("local", [0, 1, 3])
+def test_local_blocks_force_the_blocks_before_the_diagonal_segment(local):
+    cfg = PBSConfig(block_size=16, segment_size=32, local_blocks=local, dense_last_blocks=0)
+    geo = block_geometry(cfg, 200, 260)
+    prefix = 60
+    for m in range(geo.visible.shape[0]):
+        seg_block = (prefix + m * 16) // 32 * 32 // 16  # first key block of the query block's diagonal segment
+        want = {0} | set(range(max(0, seg_block - local), seg_block)) | set(geo.diag[m].nonzero().flatten().tolist())
+        assert set(geo.forced[m].nonzero().flatten().tolist()) == want
 
 
 def test_block_geometry_nests_diagonal_in_forced_in_visible():
@@ -161,7 +175,10 @@ def test_query_reps_keep_the_block_a_few_queries_look_for():
                                            ("budget", dict(budget=1.5)),
                                            ("block_score", dict(block_score="max")),
                                            ("query_reps", dict(query_reps=3)), ("query_reps", dict(query_reps=0)),
-                                           ("dense_last_blocks", dict(dense_last_blocks=-1))])
+                                           ("dense_last_blocks", dict(dense_last_blocks=-1)),
+                                           ("query_pool", dict(query_pool="max")),
+                                           ("rep_combine", dict(rep_combine="any")),
+                                           ("local_blocks", dict(local_blocks=-1))])
 def test_bad_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=f"PBSConfig.{field}"):
         PBSConfig(**kwargs)
@@ -205,7 +222,7 @@ def test_sdpa_lse_returns_attention_and_its_log_sum_exp():
 # the interpreter runs one program per (head, query block): a few configs also with a cached prefix
 @pytest.mark.parametrize("name, n, n_kv", [(name, 200, 260) for name in (*CONFIGS, "all")]
                          + [(name, 70, 133) for name in ("threshold", "lse", "lse-permute", "budget-permute",
-                                                         "query-reps")])
+                                                         "query-reps", "reps-mean-combine", "last-query-pool")])
 def test_fused_choice_kernel_matches_torch(monkeypatch, name, n, n_kv):
     """The fused softmax/sort/cut/compaction kernel (interpreter) picks exactly the blocks the torch path does."""
     ps = importlib.import_module("pbs_engine.kernels.selection")
