@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FIELD:VALUE,...",
                    help="an extra PBS method: the configured PBS with these PBSConfig fields changed, e.g. "
                         "t9=threshold:0.9,query_reps:1 (repeatable)")
+    p.add_argument("--text-file", type=Path, default=None,
+                   help="fidelity: a UTF-8 text file to evaluate on instead of the Python stdlib source (e.g. one "
+                        "RULER prompt); its tokens must cover --lengths")
     p.add_argument("--needle-lengths", type=_ints, default=None, help="needle context lengths (default: --lengths)")
     p.add_argument("--needle-seeds", type=int, default=2, help="needle prompts per (length, depth, keys)")
     p.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9], help="needle depths (0 = start)")
@@ -68,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
         for spec in args.variant:
             parse_variant(spec)  # a bad spec fails before the model loads
         # every method must compute every prompt itself: no K/V reused from another method's run
+        if args.text_file is not None and not args.text_file.is_file():
+            raise ValueError(f"--text-file {args.text_file}: no such file")
         llm = load_llm(args, enable_prefix_caching=False)
         run_eval(llm, lengths, tasks, args.thresholds, args.needle_lengths or lengths, args.depths,
-                 args.needle_seeds, out, args.variant)
+                 args.needle_seeds, out, args.variant, text_file=args.text_file)
         print((out / "summary.md").read_text())
     try:
         for path in plot_all(out / "results.json", out):

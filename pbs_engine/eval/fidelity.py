@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import torch
 
-from pbs_engine.kernels import PBSConfig, flash_prefill, pbs_prefill
+from pbs_engine.kernels import PBSConfig, flash_prefill, pbs_prefill, pbs_select
 from pbs_engine.models.layers.attention import Attention, AttentionMetadata
 
 
@@ -70,9 +70,45 @@ def lm_fidelity(model, ids: list[int], methods: dict, last: int = 1024) -> list[
     return rows
 
 
+def kept_mass(q: torch.Tensor, k: torch.Tensor, sel, cfg: PBSConfig, scale: float,
+              chunk_blocks: int = 8) -> torch.Tensor:
+    """The attention recall of a selection: per (query head, query), the share of its exact causal attention
+    (softmax over every visible key, float32) that falls on the keys of the blocks `sel` (a PBSSelection of q, k)
+    kept -> (Hq, N) float32 in [0, 1]. Query blocks are scored `chunk_blocks` at a time."""
+    n, hq, _ = q.shape
+    n_kv, hkv, _ = k.shape
+    group, bs = hq // hkv, cfg.block_size
+    nqb, nkb = sel.block_count.shape[1], sel.keys.shape[1] // bs
+    device = q.device
+    listed = torch.arange(sel.block_idx.shape[2], device=device) < sel.block_count[..., None]
+    keep = torch.zeros(hq, nqb, nkb + 1, dtype=torch.bool, device=device)
+    keep.scatter_(-1, torch.where(listed, sel.block_idx.long(), nkb), True)
+    keep = keep[..., :nkb]
+    key_pos = sel.key_pos.long().repeat_interleave(group, 0)  # (Hq, Npad): slot -> original position
+    n_pos = int(key_pos.max()) + 1
+    keys = k.transpose(0, 1).float().repeat_interleave(group, 0)  # (Hq, N_kv, D)
+    q_pos = torch.arange(n, device=device) + n_kv - n
+    out = torch.empty(hq, n, dtype=torch.float32, device=device)
+    for m0 in range(0, nqb, chunk_blocks):
+        m1 = min(nqb, m0 + chunk_blocks)
+        r0, r1 = m0 * bs, min(n, m1 * bs)
+        s = torch.einsum("rhd,hkd->hrk", q[r0:r1].float(), keys) * scale
+        s.masked_fill_(torch.arange(n_kv, device=device)[None, None, :] > q_pos[None, r0:r1, None], float("-inf"))
+        slots = keep[:, m0:m1].repeat_interleave(bs, -1)  # (Hq, blocks, Npad) kept slots
+        by_pos = torch.zeros(hq, m1 - m0, n_pos, dtype=torch.bool, device=device)
+        by_pos.scatter_(-1, key_pos[:, None, :].expand(-1, m1 - m0, -1), slots)
+        rows = (torch.arange(r0, r1, device=device) - r0) // bs
+        kept = by_pos[:, rows, :n_kv]  # (Hq, rows, N_kv)
+        out[:, r0:r1] = (s.masked_fill(~kept, float("-inf")).logsumexp(-1) - s.logsumexp(-1)).exp()
+        del s, kept, by_pos
+    return out
+
+
 @torch.inference_mode()
 def attention_fidelity(model, ids: list[int], methods: dict) -> list[dict]:
-    """Per layer, ||o_method - o_dense|| / ||o_dense|| on the real Q/K/V captured from a dense forward pass."""
+    """Per layer, ||o_method - o_dense|| / ||o_dense|| on the real Q/K/V captured from a dense forward pass, and the
+    attention recall of the selection (`kept_mass`: its mean over heads and queries, its 1st percentile, and the
+    mean of the worst head)."""
     device = next(model.parameters()).device
     n = len(ids)
     captured: dict[int, tuple] = {}
@@ -97,6 +133,10 @@ def attention_fidelity(model, ids: list[int], methods: dict) -> list[dict]:
                 continue
             out, stats = pbs_prefill(q, k, v, pbs, sm_scale=scale)
             err = (out.float() - dense).norm() / dense.norm()
-            rows.append({"method": name, "layer": layer, "tokens": n, "rel_error": err.item(),
-                         "density": stats.density})
+            row = {"method": name, "layer": layer, "tokens": n, "rel_error": err.item(), "density": stats.density}
+            if n >= pbs.dense_below(q.device):  # ran sparse: what its selection kept of the true attention
+                recall = kept_mass(q, k, pbs_select(q, k, v, pbs, scale), pbs, scale)
+                row.update(recall_mean=recall.mean().item(), recall_worst_head=recall.mean(1).min().item(),
+                           recall_p01=torch.quantile(recall.flatten()[::max(1, recall.numel() >> 24)], 0.01).item())
+            rows.append(row)
     return rows

@@ -14,7 +14,8 @@ from pbs_engine.eval.text import stdlib_text
 
 
 def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float], needle_lengths: list[int],
-             depths: list[float], needle_seeds: int, out_dir: Path, variants: list[str] | None = None) -> dict:
+             depths: list[float], needle_seeds: int, out_dir: Path, variants: list[str] | None = None,
+             text_file: Path | None = None) -> dict:
     limit = llm.config.max_model_len
     too_long = [n for n in lengths + needle_lengths if n > limit]
     if too_long:
@@ -25,10 +26,13 @@ def run_eval(llm, lengths: list[int], tasks: list[str], thresholds: list[float],
     tok = llm.get_tokenizer()
     base = llm.config.pbs
     table = method_table(base, thresholds, variants)
-    ids = tok.encode(stdlib_text(min_chars=5 * max(lengths + needle_lengths)), add_special_tokens=False)
+    text = text_file.read_text() if text_file else stdlib_text(min_chars=5 * max(lengths + needle_lengths))
+    ids = tok.encode(text, add_special_tokens=False)
     if len(ids) < max(lengths):
-        raise ValueError(f"only {len(ids)} tokens of text for --lengths up to {max(lengths)}")
-    results: dict = {"model": str(llm.model_dir), "device": _device_name(llm), "config": asdict(base)}
+        raise ValueError(f"only {len(ids)} tokens of text{f' in {text_file}' if text_file else ''} for --lengths "
+                         f"up to {max(lengths)}")
+    results: dict = {"model": str(llm.model_dir), "device": _device_name(llm), "config": asdict(base),
+                     "text": str(text_file) if text_file else "stdlib"}
     if "lm" in tasks:
         results["lm"] = [row for n in lengths for row in lm_fidelity(model, ids[:n], table, last=min(1024, n // 2))]
     if "attention" in tasks:
@@ -67,9 +71,16 @@ def summary(results: dict) -> str:
     if results.get("attention"):
         per: dict = {}
         for r in results["attention"]:
-            per.setdefault(r["method"], []).append(r["rel_error"])
-        lines += ["| method | mean rel. error of attention output | max over layers |", "|---|---|---|"]
-        lines += [f"| {m} | {sum(v) / len(v):.4f} | {max(v):.4f} |" for m, v in per.items()]
+            per.setdefault(r["method"], []).append(r)
+        lines += ["| method | density | mean rel. error of attention output | max over layers | attention recall "
+                  "(mean) | worst layer's 1st percentile | worst head |", "|---|---|---|---|---|---|---|"]
+        for m, rs in per.items():
+            def mean(key):
+                return sum(r[key] for r in rs) / len(rs)
+            recall = (f"{mean('recall_mean'):.4f} | {min(r['recall_p01'] for r in rs):.4f} | "
+                      f"{min(r['recall_worst_head'] for r in rs):.4f}") if "recall_mean" in rs[0] else "- | - | -"
+            lines.append(f"| {m} | {mean('density'):.3f} | {mean('rel_error'):.4f} | "
+                         f"{max(r['rel_error'] for r in rs):.4f} | {recall} |")
     return "\n".join(lines) + "\n"
 
 

@@ -247,3 +247,26 @@ def test_tma_sparse_kernel_matches_pointer_kernel(name, prefetch):
     ref, _ = pbs_prefill_ref(q, k, v, CONFIGS[name], 0.125)
     out = pbs_attention_triton(q, sel, CONFIGS[name], 0.125, tma=True, prefetch=prefetch)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["threshold", "lse", "query-reps"])
+def test_kept_mass_is_the_attention_share_of_the_kept_blocks(name):
+    """The eval's attention recall against a loop over heads and queries; every block kept gives 1."""
+    from pbs_engine.eval.fidelity import kept_mass
+
+    cfg = CONFIGS[name]
+    q, k, v = rand(70, 8, 64, seed=31), rand(133, 2, 64, seed=32), rand(133, 2, 64, seed=33)
+    sel = pbs_select(q, k, v, cfg, 0.125)
+    got = kept_mass(q, k, sel, cfg, 0.125, chunk_blocks=2)
+    bs, prefix = cfg.block_size, 133 - 70
+    for h in range(8):
+        g = h // 4
+        for i in range(0, 70, 7):
+            m = i // bs
+            blocks = sel.block_idx[h, m, :sel.block_count[h, m]].tolist()
+            kept = {int(p) for j in blocks for p in sel.key_pos[g, j * bs:(j + 1) * bs] if p < 133}
+            p = (q[i, h] @ k[:prefix + i + 1, g].T * 0.125).softmax(-1)
+            want = sum(p[t] for t in kept if t <= prefix + i)
+            assert abs(got[h, i].item() - float(want)) < 1e-4
+    full = PBSConfig(threshold=1.0, **SMALL, permute=True)
+    assert torch.allclose(kept_mass(q, k, pbs_select(q, k, v, full, 0.125), full, 0.125), torch.ones(8, 70))
