@@ -208,11 +208,12 @@ def skinny_tile_rows(row_counts: list[int]) -> list[dict]:
 
             add("cublas-bf16", "-", lambda: torch.nn.functional.linear(x, w), w.numel() * 2)
             add("scaled_mm-fp8", "-", lambda: fp8_linear_scaled_mm(x8, xs, w8, ws), w.numel())
-            for dtype, weight, nbytes in (("bf16", w, 2), ("fp8", w8, 1)):
+            # bf16; W8A16 (bf16 rows, e4m3 weight widened in the kernel); W8A8 (e4m3 rows: fp8 tensor-core products)
+            variants = (("bf16", x, w, 2, {}), ("w8a16", x, w8, 1, {"w_scale": ws, "out_dtype": torch.bfloat16}),
+                        ("w8a8", x8, w8, 1, {"x_scale": xs, "w_scale": ws, "out_dtype": torch.bfloat16}))
+            for dtype, xin, weight, nbytes, scales in variants:
                 default = skinny_tiles(n, k, m, nbytes, sms)
                 for tiles in [default, *SKINNY_TILES]:
-                    scales = {} if dtype == "bf16" else {"x_scale": xs, "w_scale": ws, "out_dtype": torch.bfloat16}
-                    xin = x if dtype == "bf16" else x8
                     add(f"skinny-{dtype}" + ("*" if tiles == default else ""), tiles,
                         lambda xin=xin, weight=weight, tiles=tiles, scales=scales: skinny_linear(
                             xin, weight, tiles=tiles, **scales), w.numel() * nbytes)

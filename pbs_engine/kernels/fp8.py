@@ -3,6 +3,8 @@ inside the kernels that produce them (RMSNorm, SiLU-and-mul) so quantising costs
 GEMM through torch._scaled_mm with row-wise scales. A scale is float32 and value = fp8 * scale; scale = amax / 448."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -248,12 +250,20 @@ def fp8_linear_skinny(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.T
     return skinny_linear(x_fp8, w_fp8, bias, x_scale=x_scale, w_scale=w_scale, out_dtype=out_dtype)
 
 
+# decode steps of FP8 layers: "bf16" (W8A16: bf16 rows against the e4m3 weight, widened in the skinny kernel) or
+# "fp8" (W8A8 as in prefill: rows quantised per token by their producers, fp8 products on the tensor cores)
+DECODE_ACTIVATIONS = os.environ.get("PBS_ENGINE_FP8_DECODE", "bf16")
+if DECODE_ACTIVATIONS not in ("bf16", "fp8"):
+    raise ValueError(f"PBS_ENGINE_FP8_DECODE={DECODE_ACTIVATIONS!r}: must be bf16 or fp8")
+
+
 def fp8_weight_only(x: torch.Tensor) -> bool:
     """Whether rows x (T, K) of an FP8 layer skip activation quantisation: on CUDA, up to SKINNY_ROWS rows (a decode
-    step) run W8A16, the bf16 rows against the e4m3 weight in the skinny kernel. Such a step is bound by reading the
-    weight, and quantising its rows took 4 launches per layer (0.24 ms of GPU time per 7B step on an H200, plus the
-    launch gaps) that the GEMV does not need; it is also closer to the unquantised layer."""
-    return x.is_cuda and x.shape[0] <= SKINNY_ROWS
+    step) run W8A16, the bf16 rows against the e4m3 weight in the skinny kernel, unless DECODE_ACTIVATIONS is "fp8".
+    Such a step is bound by reading the weight, and quantising its rows took 4 launches per layer (0.24 ms of GPU
+    time per 7B step on an H200, plus the launch gaps) that the GEMV does not need; it is also closer to the
+    unquantised layer."""
+    return x.is_cuda and x.shape[0] <= SKINNY_ROWS and DECODE_ACTIVATIONS == "bf16"
 
 
 def fp8_linear(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,

@@ -3,7 +3,8 @@ One Triton kernel for bf16/fp16 weights and for e4m3 weights with per-channel sc
 scales, or plain rows, as input): the rows padded to 16 for tl.dot (on an H200 a register-FMA variant for one row
 reached only half the bandwidth: conversion-bound). The grid has one program per BLOCK_N output columns and, for
 long inputs or few columns, SPLIT programs along K whose float32 partial sums a second tiny launch adds up, so
-that a 3584-column projection still spreads its weight over every SM."""
+that a 3584-column projection still spreads its weight over every SM. e4m3 rows against an e4m3 weight (W8A8) multiply
+in fp8 on the tensor cores."""
 from __future__ import annotations
 
 import os
@@ -32,7 +33,8 @@ def skinny_tiles(n: int, k: int, rows: int, weight_bytes: int, sms: int) -> tupl
 @triton.jit
 def _skinny_kernel(X, XS, W, WS, B, Y, P, M, N, K, k_per_split, s_xm, s_wn, s_ym,
                    HAS_XS: tl.constexpr, HAS_WS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                   ROWS: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   ROWS: tl.constexpr, IEEE: tl.constexpr, FP8_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     # Program (column tile n, K slice s): rows [0, M) x columns of tile n over K in [s * k_per_split, +k_per_split).
     # SPLIT == 1: scales, bias and the cast applied here, stored to Y; else the raw float32 partial goes to
     # P (SPLIT, M, N) for _skinny_reduce.
@@ -50,7 +52,10 @@ def _skinny_kernel(X, XS, W, WS, B, Y, P, M, N, K, k_per_split, s_xm, s_wn, s_ym
                     other=0.0)
         w = tl.load(W + offs_n[:, None] * s_wn + ks[None, :], mask=(offs_n[:, None] < N) & (ks[None, :] < k_hi),
                     other=0.0)
-        if IEEE:  # float32 operands: no tf32 rounding
+        if FP8_DOT:  # e4m3 rows and weight: the tensor cores' fp8 product, no conversion of the weight tile; a
+            # fresh float32 sum per tile, so Hopper's reduced-precision fp8 accumulation spans BLOCK_K terms only
+            acc += tl.dot(x, tl.trans(w))
+        elif IEEE:  # float32 operands: no tf32 rounding
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(x.to(tl.float32).to(tl.bfloat16), tl.trans(w.to(tl.float32).to(tl.bfloat16)), acc)
@@ -115,13 +120,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     xs = x_scale.reshape(-1).contiguous() if x_scale is not None else None
     # operands of at most bf16 precision (bf16, e4m3) are widened to bf16 exactly for tl.dot; float32 stays float32
     half = x.is_cuda and x.dtype != torch.float32 and weight.dtype != torch.float32
+    fp8_dot = x.is_cuda and x.dtype == weight.dtype == torch.float8_e4m3fn  # W8A8 (the interpreter widens instead)
     dummy = weight  # any pointer for the arguments a constexpr switches off
     partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device) if split > 1 else dummy
     _skinny_kernel[(triton.cdiv(n, block_n), split)](
         x, xs if xs is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, y, partial, rows, n, k, k_per_split, x.stride(0), weight.stride(0),
         y.stride(0), HAS_XS=xs is not None, HAS_WS=w_scale is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        ROWS=row_pad, IEEE=not half, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        ROWS=row_pad, IEEE=not half, FP8_DOT=fp8_dot, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     if split > 1:
         block = 1024 if x.is_cuda else 64
         _skinny_reduce[(rows, triton.cdiv(n, block))](

@@ -231,3 +231,12 @@ def test_skinny_fp8_kernel_matches_reference(rows, with_bias):
     out = fp8.fp8_linear_skinny(to(xq), to(xs), to(wq), to(ws), to(bias), out_dtype=torch.float32)
     want = fp8_linear_ref(xq, xs, wq, ws, bias, out_dtype=torch.float32)
     torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_a_bad_fp8_decode_setting_is_refused_at_import():
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "PBS_ENGINE_FP8_DECODE": "int4"}
+    run = subprocess.run([sys.executable, "-c", "import pbs_engine.kernels.fp8"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "PBS_ENGINE_FP8_DECODE='int4': must be bf16 or fp8" in run.stderr

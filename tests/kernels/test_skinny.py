@@ -43,7 +43,9 @@ def test_fp8_weights_and_rows_match_the_dequantised_reference(rows, tiles):
     out = skinny_linear(xq.to(dev), wq.to(dev), b.to(dev), x_scale=xs.to(dev), w_scale=ws.to(dev),
                         out_dtype=torch.float32, tiles=tiles)
     want = fp8_linear_ref(xq, xs, wq, ws, b, out_dtype=torch.float32)
-    torch.testing.assert_close(out.cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    tol = 1e-3 if dev == "cuda" else 1e-4  # the GPU multiplies in fp8 on the tensor cores: their accumulator is
+    # narrower than float32 within a BLOCK_K tile
+    torch.testing.assert_close(out.cpu(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
 def test_default_tiles_and_refusals():
