@@ -35,16 +35,21 @@ CUDA_DENSE_BELOW = 16384
 class PBSConfig:
     block_size: int = 128  # tokens per query block and per key block
     segment_size: int = 256  # keys are permuted inside segments of this many tokens (a multiple of block_size)
-    threshold: float = 0.7  # keep the fewest key blocks whose share of the block-score mass outside the diagonal
-    # segment reaches this (the paper's rule: the diagonal segment is always kept and takes no part in the softmax)
+    threshold: float = 0.65  # keep the fewest key blocks whose share of the block-score mass outside the diagonal
+    # segment reaches this (the paper's rule: the diagonal segment is always kept and takes no part in the softmax);
+    # 0.65 with dense_last_blocks=2 on RULER at 32K (Qwen2.5-Coder-0.5B, H200): 47.9 vs dense 48.9 at density 0.28,
+    # where 0.7 with one dense block scored 46.4 at 0.29 (docs/eval.md)
     permute: bool = False  # sort keys inside segments by the last query block's attention (the paper's permutation;
     # one per KV head, from its query heads' pooled attention);
     # off by default: on Qwen2.5-Coder-0.5B at 32K it raised NLL (+0.65% vs -1.15%, density 0.172 vs 0.193,
     # docs/eval.md): the sorted blocks lose the local coherence that makes a pooled block a good summary
     budget: float | None = None  # fixed density: keep this fraction of the visible key blocks (forced ones count)
-    dense_last_blocks: int = 1  # the last this many query blocks of each prefill call attend to every key block:
-    # in the prompt's final chunk they hold the position that predicts the first output token (decoding after it
-    # is dense), so a retrieval's answer starts from exact attention; one block costs 1 / (query blocks) of dense
+    dense_last_blocks: int = 2  # the last this many query blocks of each prefill call attend to every key block:
+    # in the prompt's final chunk they hold the question and the position that predicts the first output token
+    # (decoding after it is dense), so a retrieval's answer starts from exact attention. Two, because the last
+    # block of a prompt is mostly partial (a few tokens): with one, most of a RULER question (~100 tokens) was
+    # sparse, and niah_multikey_2/3 lost 4 points each at 32K; with two they match dense. Each block costs
+    # 1 / (query blocks) of dense
     block_score: str = "lse"  # how a (query block, key block) pair is scored: "mean" = mean-pooled query against
     # mean-pooled keys (the paper's MeanPooling); "lse" = log-sum-exp over the block's keys of the mean-pooled
     # query's scores, i.e. the exact share of that query's attention falling in the block (one key can carry it);
