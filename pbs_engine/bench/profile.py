@@ -21,6 +21,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="profile this many decode steps after the prompt instead of the prefill (CUDA graphs as "
                         "served); per-token wall and GPU time exclude the prefill, measured on its own")
     p.add_argument("--quantization", choices=["fp8"], default=None, help="FP8 weights (as `serve --quantization`)")
+    p.add_argument("--async-scheduling", action="store_true", help="decode with async scheduling")
     p.add_argument("--top", type=int, default=25, help="kernels listed")
     p.add_argument("--json", default=None)
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     steps = args.decode_steps
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=args.tokens + steps + 16,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False, attention=attention,
-              quantization=args.quantization)
+              quantization=args.quantization, async_scheduling=args.async_scheduling)
     llm.set_prefill_attention(attention, pbs)
     params = SamplingParams(max_tokens=1 + steps, ignore_eos=True)
     prompt = {"prompt_token_ids": random_ids(args.tokens, cfg["vocab_size"], args.tokens)}

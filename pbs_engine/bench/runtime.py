@@ -31,6 +31,8 @@ def add_args(p: argparse.ArgumentParser, prefill: bool) -> None:
         p.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence")
         p.add_argument("--tokens", type=int, default=256, help="generated tokens per sequence")
         p.add_argument("--hf-max-batch", type=int, default=1, help="largest batch also run through HF")
+        p.add_argument("--async-scheduling", action="store_true",
+                       help="our engine with async scheduling (each decode step launched before the last is read)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="our engine with FP8 weights (the HF peer stays bf16)")
@@ -230,7 +232,7 @@ def run_decode(args: argparse.Namespace) -> int:
                                          args.context, args.tokens, cfg["vocab_size"])
     llm = LLM(path, load_format=load_format, skip_tokenizer_init=True, max_model_len=args.context + args.tokens + 16,
               max_num_seqs=max(sizes), attention="dense", enable_prefix_caching=False, quantization=args.quantization,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, async_scheduling=args.async_scheduling)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0)
     llm.generate([{"prompt_token_ids": random_ids(args.context, cfg["vocab_size"], 0)}] * 2, params)  # warm up
     rows = []
@@ -250,7 +252,8 @@ def run_decode(args: argparse.Namespace) -> int:
         if row["batch"] == 1:
             row["bandwidth_limit_tokens_per_s"] = limit
             row["of_limit"] = row["tokens_per_s"] / limit
-    print_table(f"decode throughput, {args.model}{', fp8 weights' if args.quantization else ''}, "
+    print_table(f"decode throughput, {args.model}{', fp8 weights' if args.quantization else ''}"
+                f"{', async scheduling' if args.async_scheduling else ''}, "
                 f"{torch.cuda.get_device_name()}; copy {copy_bps / 1e12:.2f} TB/s, "
                 f"weights {weight_bytes / 1e9:.2f} GB", rows,
                 ["batch", "context", "tokens_per_s", "bandwidth_limit_tokens_per_s", "of_limit", "hf_tokens_per_s",

@@ -48,6 +48,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache blocks (instead of --kv-cache-memory)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse cached K/V of prompt blocks shared with earlier requests (default: on)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False,
+                   help="launch each decode step before the previous one's tokens are read back, so host work "
+                        "overlaps the GPU (default: off; docs/runtime.md)")
     add_pbs_args(g)
 
 
@@ -111,7 +114,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype,
                 max_num_seqs=args.max_num_seqs, enable_prefix_caching=args.enable_prefix_caching,
                 chat_template=args.chat_template, kv_cache_memory=args.kv_cache_memory,
-                num_kv_blocks=args.num_kv_blocks)
+                num_kv_blocks=args.num_kv_blocks, async_scheduling=args.async_scheduling)
 
 
 def load_llm(args: argparse.Namespace, **overrides):

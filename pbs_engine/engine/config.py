@@ -60,6 +60,10 @@ class EngineConfig:
     # keep decoding); None: max_num_batched_tokens / 4, at most 8192
     enable_prefix_caching: bool = True  # reuse the cached K/V of full prompt blocks shared with earlier requests
     enforce_eager: bool = False  # True: no CUDA graphs for decode
+    async_scheduling: bool = False  # True: while a decode step runs on the GPU, the next one is scheduled and
+    # launched with its input tokens taken from the running step's samples on the device, so the host's output
+    # processing and packing overlap GPU work instead of leaving it idle (vLLM V1's --async-scheduling); steps with
+    # prompts to prefill, penalties, logprobs or tensor parallelism run synchronously as before
     load_format: str = "auto"  # "auto": safetensors; "dummy": random weights from config.json (speed runs only)
     skip_tokenizer_init: bool = False  # True: prompts are token ids only, outputs carry no text
     chat_template: str | None = None  # a Jinja chat template, or a file holding one, instead of the model's

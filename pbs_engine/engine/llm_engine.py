@@ -8,13 +8,13 @@ import time
 from pbs_engine.engine.block_manager import BlockManager
 from pbs_engine.engine.config import EngineConfig
 from pbs_engine.engine.errors import InvalidRequest
-from pbs_engine.engine.model_runner import ModelRunner
+from pbs_engine.engine.model_runner import Launched, ModelRunner
 from pbs_engine.engine.model_source import resolve_model
 from pbs_engine.engine.output_processor import OutputProcessor
 from pbs_engine.engine.outputs import RequestOutput
 from pbs_engine.engine.sampling_params import SamplingParams
 from pbs_engine.engine.scheduler import ScheduledBatch, Scheduler
-from pbs_engine.engine.sequence import Sequence
+from pbs_engine.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from pbs_engine.engine.tokenizer import Tokenizer
 from pbs_engine.engine.workers import WorkerError, Workers, process_group, rank_device
 from pbs_engine.models.config import ModelConfig
@@ -71,6 +71,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, config.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self._inflight: Launched | None = None  # async scheduling: the decode step whose samples are not read yet
 
     # ---- requests -------------------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -111,11 +112,12 @@ class LLMEngine:
         if seq is None:
             return None
         seq.finish_reason = "abort"
+        self._drop_placeholders(seq)
         self._finish(seq)
         return self.output_processor.output(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def num_prompt_tokens_computed(self) -> int:
         """Prompt tokens whose K/V are in the cache, over the unfinished requests: prefill progress for a bar."""
@@ -124,7 +126,13 @@ class LLMEngine:
     # ---- the loop ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one batch; return an output for every request that produced text or finished in it. A request the
-        batch fails on is finished with finish_reason "error" (its output's `error` says why); the rest carry on."""
+        batch fails on is finished with finish_reason "error" (its output's `error` says why); the rest carry on.
+        With async scheduling a decode step returns the outputs of the step launched before it."""
+        if self._inflight is not None or self._pipelinable():
+            return self._step_async()
+        return self._step_sync()
+
+    def _step_sync(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -147,6 +155,71 @@ class LLMEngine:
                 self.seqs.pop(seq.request_id, None)
             outputs.append(self.output_processor.output(seq))
         return outputs
+
+    # ---- async scheduling -----------------------------------------------------------------------------------
+    def _pipelinable(self) -> bool:
+        """Whether the next step may be scheduled and launched before the samples in flight are read: one rank, no
+        prompt waiting (so the step is decode rows only), every running sequence has a free cache block for its
+        next token (no preemption) and room for one more token, and none needs its tokens on the host to be
+        sampled (penalties) or returns logprobs (read on the host)."""
+        running = self.scheduler.running
+        if (not self.config.async_scheduling or self.workers is not None or self.scheduler.waiting or not running
+                or len(running) > self.scheduler.max_num_batched_tokens or self.blocks.num_free < len(running)):
+            return False
+        limit = self.config.max_model_len
+        for seq in running:
+            p = seq.params
+            if (p.logprobs is not None or p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty
+                    or len(seq.output_ids) >= seq.max_tokens or len(seq) >= limit):
+                return False
+        return True
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Launch the next decode step if it may go ahead (its input tokens come from the step in flight, on the
+        device), then read and process the step in flight while the GPU runs the new one. When the next step may
+        not go ahead (a prompt arrived, a sequence is at its limit, ...) the step in flight is finished first and
+        the following call runs a synchronous step."""
+        prev, nxt = self._inflight, None
+        if self._pipelinable():
+            batch = self.scheduler.schedule()  # decode rows of every running sequence
+            try:
+                nxt = self.runner.launch(batch, prev)
+            except Exception:  # the batch did not run: the next synchronous step retries it row by row
+                logger.exception("async decode launch failed; running the step synchronously")
+            else:
+                self.scheduler.after_step(batch)
+                for seq in batch.seqs:
+                    seq.output_ids.append(PLACEHOLDER)
+                    seq.inflight += 1
+        self._inflight = nxt
+        if prev is None:
+            return [] if nxt is not None else self._step_sync()
+        return self._process(prev)
+
+    def _process(self, launched: Launched) -> list[RequestOutput]:
+        """The launched step's samples become outputs; a sequence that finished (or was aborted) meanwhile drops
+        its token, and one that finishes now drops the token of the step launched after it."""
+        outputs = []
+        for seq, tok in zip(launched.batch.seqs, self.runner.collect(launched)):
+            if seq.status == SequenceStatus.FINISHED:
+                continue
+            later = seq.inflight - 1  # the step launched after this one
+            self._drop_placeholders(seq)
+            self.output_processor.append(seq, tok)
+            outputs.append(self.output_processor.output(seq))
+            if seq.finish_reason is not None:
+                self._finish(seq)
+                self.seqs.pop(seq.request_id, None)
+            else:
+                seq.output_ids += [PLACEHOLDER] * later
+                seq.inflight = later
+        return outputs
+
+    @staticmethod
+    def _drop_placeholders(seq: Sequence) -> None:
+        if seq.inflight:
+            del seq.output_ids[len(seq.output_ids) - seq.inflight:]
+            seq.inflight = 0
 
     def _run(self, batch: ScheduledBatch) -> tuple[list[int | None], list[str | None]]:
         """The runner's tokens for the batch; if the batch fails, each sequence runs alone so that the failure is

@@ -32,6 +32,16 @@ ACTIVATION_MARGIN = 1.25  # on top of the activations counted in prefill_memory:
 
 
 @dataclass
+class Launched:
+    """A decode step enqueued without reading its samples back (async scheduling)."""
+
+    batch: ScheduledBatch
+    tokens: torch.Tensor  # (B,) sampled ids on the device, row i for batch.seqs[i]
+    host: torch.Tensor  # (B,) their copy in (pinned) host memory, valid once `event` has completed
+    event: torch.cuda.Event | None  # None on the CPU, where the copy is done when it returns
+
+
+@dataclass
 class StepInput:
     """One step for the model, in host arrays and lists (what crosses to the other ranks): decode rows first."""
 
@@ -46,6 +56,8 @@ class StepInput:
     prefill_method: str
     pbs: PBSConfig
     logit_rows: list[list[int]] = field(default_factory=list)  # hidden rows per logits call rank 0 makes
+    fill_dst: list[int] = field(default_factory=list)  # async scheduling: rows whose input token is still on the
+    fill_src: list[int] = field(default_factory=list)  # device, and the row of the previous step's samples holding it
 
     @property
     def has_prefill(self) -> bool:
@@ -245,8 +257,42 @@ class ModelRunner:
             result[i] = tok
         return result
 
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, prev: Launched | None = None) -> Launched:
+        """Enqueue a decode-only batch (one sampled token per row) and start copying its samples to the host,
+        reading nothing back: a sequence whose last token is still in flight in `prev` takes it from prev's
+        samples on the device. Single rank, no logprobs or penalties (the engine checks)."""
+        inp = self.prepare(batch)
+        self._plan_logits(batch, inp)
+        if prev is not None:
+            rows = {id(s): i for i, s in enumerate(prev.batch.seqs)}
+            for i, seq in enumerate(batch.seqs):
+                if seq.inflight and id(seq) in rows:
+                    inp.fill_dst.append(i)
+                    inp.fill_src.append(rows[id(seq)])
+        results = self.execute(inp, prev.tokens if prev is not None else None)
+        tokens = self.sampler(next(results), batch.seqs)
+        for _ in results:  # nothing more for decode rows; drains the generator
+            pass
+        cuda = tokens.is_cuda
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=cuda)
+        host.copy_(tokens, non_blocking=cuda)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return Launched(batch, tokens, host, event)
+
+    @staticmethod
+    def collect(launched: Launched) -> list[int]:
+        """The sampled tokens of a launched step (waits for that step only, not for ones launched after it)."""
+        if launched.event is not None:
+            launched.event.synchronize()
+        return launched.host.tolist()
+
     # ---- every rank ------------------------------------------------------------------------------------------------
-    def _tensors(self, inp: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
+    def _tensors(self, inp: StepInput, fill: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
         """The step's device tensors (ids, positions, metadata, the hidden rows of each logits call), all packed into one pinned host buffer and copied with one non-blocking
         transfer (no host sync: the GPU may still be running the previous step)."""
         dev = self.device
@@ -264,6 +310,9 @@ class ModelRunner:
             parts["context_lens"] = np.asarray(inp.context_lens, dtype=np.int64)
         for j, rows in enumerate(inp.logit_rows):
             parts[f"logits{j}"] = np.asarray(rows, dtype=np.int64)
+        if inp.fill_dst:
+            parts["fill_dst"] = np.asarray(inp.fill_dst, dtype=np.int64)
+            parts["fill_src"] = np.asarray(inp.fill_src, dtype=np.int64)
         host = torch.from_numpy(np.concatenate(list(parts.values())).astype(np.int64, copy=False))
         if dev.type == "cuda":
             host = host.pin_memory()
@@ -272,6 +321,8 @@ class ModelRunner:
         for name, arr in parts.items():
             views[name] = flat[offset:offset + len(arr)]
             offset += len(arr)
+        if inp.fill_dst:  # input tokens the previous step sampled, still on the device (async scheduling)
+            views["ids"][views["fill_dst"]] = fill[views["fill_src"]]
         i32 = lambda name: views[name].to(torch.int32)  # noqa: E731
         row_cu = i32("row_cu").view(nq, 2, 2) if prefill else None
         meta = AttentionMetadata(
@@ -292,10 +343,11 @@ class ModelRunner:
         return views["ids"], views["positions"], meta, [views[f"logits{j}"] for j in range(len(inp.logit_rows))]
 
     @torch.inference_mode()
-    def execute(self, inp: StepInput) -> Iterator[torch.Tensor]:
+    def execute(self, inp: StepInput, fill: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """The forward pass, then the logits of each group of inp.logit_rows in turn, then (after a PBS prefill)
-        each prefill row's (kept, visible) block pairs summed over layers, heads and ranks."""
-        ids, positions, meta, logit_rows = self._tensors(inp)
+        each prefill row's (kept, visible) block pairs summed over layers, heads and ranks. `fill`: the previous
+        step's samples, for the input rows inp.fill_dst names (async scheduling)."""
+        ids, positions, meta, logit_rows = self._tensors(inp, fill)
         if self.graphs is not None and not inp.has_prefill and self.graphs.fits(len(inp.context_lens)):
             hidden = self.graphs.run(ids, positions, meta)
         else:

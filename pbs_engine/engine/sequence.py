@@ -8,6 +8,9 @@ from pbs_engine.engine.outputs import PositionLogprobs, RequestMetrics
 from pbs_engine.engine.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # an output token still on the device (async scheduling)
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -38,6 +41,8 @@ class Sequence:
         self.pending_logprobs: PositionLogprobs | None = None  # logprobs of the token just sampled
         self.max_tokens = params.max_tokens or 0  # resolved against max_model_len by the engine
         self.stop_ids: set[int] = set()  # token ids that end this request (EOS unless ignored, stop_token_ids)
+        self.inflight = 0  # async scheduling: tokens sampled on the device and not read back yet; output_ids ends
+        # with that many PLACEHOLDER entries, so lengths and cache slots count them
 
     @property
     def token_ids(self) -> list[int]:
