@@ -12,7 +12,8 @@ from pbs_engine.kernels.selection import block_geometry
 from pbs_engine.kernels.pbs_prefill import pbs_prefill_triton
 
 SHAPES = [(7, 1, 64), (8, 2, 128)]  # (query heads, KV heads, head_dim): GQA 7:1 and 4:1
-SMALL = dict(block_size=16, segment_size=32, query_reps=1)  # one pooled query per block unless a test says
+SMALL = dict(block_size=16, segment_size=32, query_reps=1, dense_last_blocks=1)  # one pooled query and one dense
+# last block unless a test says (a few blocks per test: the default two would leave little to select)
 
 
 def rand(*shape, seed):
@@ -27,7 +28,7 @@ def dense(q, k, v):
 CONFIGS = {
     "threshold": PBSConfig(threshold=0.6, **SMALL, permute=True),
     "budget-nopermute": PBSConfig(budget=0.3, permute=False, **SMALL),
-    "no-dense-last": PBSConfig(threshold=0.5, dense_last_blocks=0, **SMALL, permute=True),
+    "no-dense-last": PBSConfig(threshold=0.5, **{**SMALL, "dense_last_blocks": 0}, permute=True),
     "lse": PBSConfig(threshold=0.6, block_score="lse", **SMALL),
     "lse-permute": PBSConfig(threshold=0.6, block_score="lse", **SMALL, permute=True),
     "budget-permute": PBSConfig(budget=0.3, **SMALL, permute=True),
@@ -36,7 +37,7 @@ CONFIGS = {
     "query-reps-budget": PBSConfig(budget=0.3, **{**SMALL, "query_reps": 4}),
     "reps-mean-combine": PBSConfig(threshold=0.6, rep_combine="mean", **{**SMALL, "query_reps": 4}),
     "last-query-pool": PBSConfig(threshold=0.6, query_pool="last", **{**SMALL, "query_reps": 2}),
-    "local-blocks": PBSConfig(threshold=0.5, local_blocks=2, dense_last_blocks=0, **SMALL),
+    "local-blocks": PBSConfig(threshold=0.5, local_blocks=2, **{**SMALL, "dense_last_blocks": 0}),
 }
 
 
@@ -64,7 +65,7 @@ def test_threshold_one_equals_dense_causal_attention(n, n_kv, permute):
 
 def test_first_block_and_diagonal_segment_survive_any_budget():
     q, k, v = rand(128, 2, 64, seed=14), rand(128, 1, 64, seed=15), rand(128, 1, 64, seed=16)
-    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, dense_last_blocks=0, **SMALL, permute=True), 0.125)
+    sel = pbs_select(q, k, v, PBSConfig(budget=0.01, **{**SMALL, "dense_last_blocks": 0}, permute=True), 0.125)
     for m in range(128 // 16):
         kept = set(sel.block_idx[0, m, : sel.block_count[0, m]].tolist())
         assert kept == {0} | set(range(m * 16 // 32 * 2, m * 16 // 32 * 2 + 2))
@@ -94,7 +95,7 @@ def test_dense_last_blocks_attend_to_every_key_block(last):
     """The last `dense_last_blocks` query blocks keep every visible key block (they predict the first output token);
     the others keep only the forced blocks under a zero budget, and the output equals the reference."""
     q, k, v = rand(100, 4, 64, seed=32), rand(133, 2, 64, seed=33), rand(133, 2, 64, seed=34)
-    cfg = PBSConfig(budget=0.01, dense_last_blocks=last, **SMALL)
+    cfg = PBSConfig(budget=0.01, **{**SMALL, "dense_last_blocks": last})
     sel = pbs_select(q, k, v, cfg, 0.125)
     nqb, prefix = -(-100 // 16), 33
     for m in range(nqb):
