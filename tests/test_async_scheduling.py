@@ -81,6 +81,14 @@ def test_penalties_and_logprobs_run_synchronously(llms, monkeypatch):
     assert [lp.keys() for lp in asyn[1].outputs[0].logprobs] == [lp.keys() for lp in sync[1].outputs[0].logprobs]
 
 
+def test_nothing_stays_in_flight_when_the_last_request_stops_early(llms):
+    """A stop string ends the only request while its next step is already launched: that step is settled at once."""
+    eng = llms[True].engine
+    out = llms[True].generate(["1, 2, 3, 4,"], SamplingParams(max_tokens=30, temperature=0, stop=[" 6"]))[0]
+    assert out.outputs[0].finish_reason == "stop" and eng._inflight is None and not eng.has_unfinished()
+    assert eng.stats()["kv_free_blocks"] == eng.stats()["kv_total_blocks"]
+
+
 def test_streamed_outputs_never_carry_a_placeholder(llms):
     eng = llms[True].engine
     eng.add_request(eng.tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=10, temperature=0))

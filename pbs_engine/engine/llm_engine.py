@@ -194,7 +194,11 @@ class LLMEngine:
         self._inflight = nxt
         if prev is None:
             return [] if nxt is not None else self._step_sync()
-        return self._process(prev)
+        outputs = self._process(prev)
+        if nxt is not None and all(seq.status == SequenceStatus.FINISHED for seq in nxt.batch.seqs):
+            self.runner.collect(nxt)  # every row finished meanwhile: nothing left in flight
+            self._inflight = None
+        return outputs
 
     def _process(self, launched: Launched) -> list[RequestOutput]:
         """The launched step's samples become outputs; a sequence that finished (or was aborted) meanwhile drops
