@@ -128,9 +128,10 @@ class LLMEngine:
         """Run one batch; return an output for every request that produced text or finished in it. A request the
         batch fails on is finished with finish_reason "error" (its output's `error` says why); the rest carry on.
         With async scheduling a decode step returns the outputs of the step launched before it."""
-        if self._inflight is not None or self._pipelinable():
-            return self._step_async()
-        return self._step_sync()
+        pipelinable = self._pipelinable()
+        if self._inflight is None and not pipelinable:
+            return self._step_sync()
+        return self._step_async(pipelinable)
 
     def _step_sync(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
@@ -145,16 +146,21 @@ class LLMEngine:
         outputs = []
         for seq, tok, error in zip(batch.seqs, tokens, errors):
             if error is not None:
-                seq.finish_reason, seq.error = "error", error
+                seq.finish_reason, seq.error, tok = "error", error, None
             elif tok is None:
                 continue
-            else:
-                self.output_processor.append(seq, tok)
-            if seq.finish_reason is not None:
-                self._finish(seq)
-                self.seqs.pop(seq.request_id, None)
-            outputs.append(self.output_processor.output(seq))
+            outputs.append(self._emit(seq, tok))
         return outputs
+
+    def _emit(self, seq: Sequence, tok: int | None) -> RequestOutput:
+        """Account a sampled token (None: none, the request already has its finish reason), finish the request if
+        it ended, and return its output."""
+        if tok is not None:
+            self.output_processor.append(seq, tok)
+        if seq.finish_reason is not None:
+            self._finish(seq)
+            self.seqs.pop(seq.request_id, None)
+        return self.output_processor.output(seq)
 
     # ---- async scheduling -----------------------------------------------------------------------------------
     def _pipelinable(self) -> bool:
@@ -174,13 +180,13 @@ class LLMEngine:
                 return False
         return True
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self, pipelinable: bool) -> list[RequestOutput]:
         """Launch the next decode step if it may go ahead (its input tokens come from the step in flight, on the
         device), then read and process the step in flight while the GPU runs the new one. When the next step may
         not go ahead (a prompt arrived, a sequence is at its limit, ...) the step in flight is finished first and
         the following call runs a synchronous step."""
         prev, nxt = self._inflight, None
-        if self._pipelinable():
+        if pipelinable:
             batch = self.scheduler.schedule()  # decode rows of every running sequence
             try:
                 nxt = self.runner.launch(batch, prev)
@@ -209,12 +215,8 @@ class LLMEngine:
                 continue
             later = seq.inflight - 1  # the step launched after this one
             self._drop_placeholders(seq)
-            self.output_processor.append(seq, tok)
-            outputs.append(self.output_processor.output(seq))
-            if seq.finish_reason is not None:
-                self._finish(seq)
-                self.seqs.pop(seq.request_id, None)
-            else:
+            outputs.append(self._emit(seq, tok))
+            if seq.finish_reason is None:
                 seq.output_ids += [PLACEHOLDER] * later
                 seq.inflight = later
         return outputs

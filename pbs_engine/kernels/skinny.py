@@ -3,8 +3,8 @@ One Triton kernel for bf16/fp16 weights and for e4m3 weights with per-channel sc
 scales, or plain rows, as input): the rows padded to 16 for tl.dot (on an H200 a register-FMA variant for one row
 reached only half the bandwidth: conversion-bound). The grid has one program per BLOCK_N output columns and, for
 long inputs or few columns, SPLIT programs along K whose float32 partial sums a second tiny launch adds up, so
-that a 3584-column projection still spreads its weight over every SM. e4m3 rows against an e4m3 weight (W8A8) multiply
-in fp8 on the tensor cores."""
+that a 3584-column projection still spreads its weight over every SM. e4m3 rows against an e4m3 weight (W8A8)
+multiply in fp8 on the tensor cores."""
 from __future__ import annotations
 
 import os
@@ -127,7 +127,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, xs if xs is not None else dummy, weight, w_scale if w_scale is not None else dummy,
         bias if bias is not None else dummy, y, partial, rows, n, k, k_per_split, x.stride(0), weight.stride(0),
         y.stride(0), HAS_XS=xs is not None, HAS_WS=w_scale is not None, HAS_BIAS=bias is not None, SPLIT=split,
-        ROWS=row_pad, IEEE=not half, FP8_DOT=fp8_dot, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        ROWS=row_pad, IEEE=not half, FP8_DOT=fp8_dot, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        num_stages=stages)
     if split > 1:
         block = 1024 if x.is_cuda else 64
         _skinny_reduce[(rows, triton.cdiv(n, block))](
