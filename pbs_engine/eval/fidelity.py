@@ -6,7 +6,9 @@ from collections import defaultdict
 
 import torch
 
-from pbs_engine.kernels import PBSConfig, flash_prefill, pbs_prefill, pbs_select
+from pbs_engine.kernels import PBSConfig, flash_prefill, pbs_select
+from pbs_engine.kernels.pbs_prefill import pbs_attention
+from pbs_engine.kernels.selection import PBSStats
 from pbs_engine.models.layers.attention import Attention, AttentionMetadata
 
 
@@ -131,12 +133,11 @@ def attention_fidelity(model, ids: list[int], methods: dict) -> list[dict]:
         for name, (attention, pbs) in methods.items():
             if attention != "pbs":
                 continue
-            out, stats = pbs_prefill(q, k, v, pbs, sm_scale=scale)
-            err = (out.float() - dense).norm() / dense.norm()
-            row = {"method": name, "layer": layer, "tokens": n, "rel_error": err.item(), "density": stats.density}
-            if n >= pbs.dense_below(q.device):  # ran sparse: what its selection kept of the true attention
-                recall = kept_mass(q, k, pbs_select(q, k, v, pbs, scale), pbs, scale)
-                row.update(recall_mean=recall.mean().item(), recall_worst_head=recall.mean(1).min().item(),
-                           recall_p01=torch.quantile(recall.flatten()[::max(1, recall.numel() >> 24)], 0.01).item())
-            rows.append(row)
+            sel = pbs_select(q, k, v, pbs, scale)  # one selection for the output and the recall
+            err = (pbs_attention(q, sel, pbs, scale).float() - dense).norm() / dense.norm()
+            recall = kept_mass(q, k, sel, pbs, scale)  # what the selection kept of the true attention
+            rows.append({"method": name, "layer": layer, "tokens": n, "rel_error": err.item(),
+                         "density": PBSStats(kept=sel.kept, visible=sel.visible).density,
+                         "recall_mean": recall.mean().item(), "recall_worst_head": recall.mean(1).min().item(),
+                         "recall_p01": torch.quantile(recall.flatten()[::max(1, recall.numel() >> 24)], 0.01).item()})
     return rows

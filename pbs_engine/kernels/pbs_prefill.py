@@ -297,8 +297,11 @@ def pbs_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: PBSCo
     # the profiler ranges let `pbs-engine bench prefill` report the selection's share of the GPU time
     with torch.profiler.record_function(SELECTION_RANGE):
         sel = pbs_select(q, k, v, config, scale)  # PBS: 1. Permutation, 2. Block scoring, 3. Selection
-    # PBS: 4. Sparse attention
-    attend = pbs_attention_triton if use_triton(q) else pbs_attention_torch
     with torch.profiler.record_function(ATTENTION_RANGE):
-        out = attend(q, sel, config, scale)
+        out = pbs_attention(q, sel, config, scale)  # PBS: 4. Sparse attention
     return out, PBSStats(kept=sel.kept, visible=sel.visible)
+
+
+def pbs_attention(q: torch.Tensor, sel: PBSSelection, config: PBSConfig, scale: float) -> torch.Tensor:
+    """Attention of q over the blocks `sel` kept: Triton on CUDA, the blocked torch path elsewhere."""
+    return (pbs_attention_triton if use_triton(q) else pbs_attention_torch)(q, sel, config, scale)
